@@ -1,0 +1,239 @@
+"""The `recsae` command line: every offline step, the pipeline, and (later) the service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from recsae_core.errors import ConfigError, RecsaeError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
+    p.add_argument("--model", required=True, choices=["bprmf", "lightgcn", "sasrec"])
+    p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
+    p.add_argument("--epochs", type=positive_int, default=300, help="upper bound; early stopping usually ends sooner")
+    p.add_argument("--patience", type=positive_int, default=10, help="epochs without validation NDCG@10 gain")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=non_negative_int, default=2020)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsae", description="RecSAE: interpret and steer recommenders with SAEs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    info = data_sub.add_parser("info", help="print dataset statistics after filtering as JSON")
+    info.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
+    info.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
+    info.add_argument("--seed", type=non_negative_int, default=2020)
+
+    train = sub.add_parser("train-recommender", help="train BPR-MF, LightGCN or SASRec and evaluate it")
+    add_train_options(train)
+    train.add_argument("--out", required=True, type=Path, help="run folder (RUN_DIR/recommender is written)")
+
+    sae = sub.add_parser("train-sae", help="probe the run's recommender and train a TopK SAE on its activations")
+    sae.add_argument("--run", required=True, type=Path, help="run folder with a trained recommender")
+    add_sae_options(sae)
+
+    bundle = sub.add_parser("bundle", help="write the verified bundle the service loads")
+    bundle.add_argument("--run", type=Path, help="run folder (recommender + SAE) to bundle")
+    bundle.add_argument("--out", type=Path, help="bundle folder (default RUN_DIR/bundle)")
+    bundle.add_argument("--import-onnx", type=Path, metavar="MODEL.onnx", help="wrap a recommender we did not train")
+    bundle.add_argument("--item-embeddings", type=Path, help="safetensors with item_embeddings (n_items, d)")
+    bundle.add_argument("--items", type=Path, help="CSV with item_id[,title,genres,popularity]")
+    bundle.add_argument("--user-inputs", type=Path, help="safetensors: the model's inputs, one row per user")
+    bundle.add_argument("--name", default="imported", help="dataset name recorded in the manifest")
+    bundle.add_argument("--work", type=Path, help="folder for the import's probe and SAE (default OUT.work)")
+    add_sae_options(bundle)
+
+    pipe = sub.add_parser("pipeline", help="run every offline step in order, skipping finished ones")
+    add_train_options(pipe)
+    pipe.add_argument("--out", required=True, type=Path, help="run folder")
+    pipe.add_argument("--force", action="store_true", help="redo every step")
+    add_sae_options(pipe, with_device=False)
+    return parser
+
+
+def add_sae_options(p: argparse.ArgumentParser, with_device: bool = True) -> None:
+    p.add_argument("--latents", type=positive_int, default=1024, help="SAE width (RecSAE: 16 x d)")
+    p.add_argument("--k", type=positive_int, default=8, help="latents kept per sample")
+    p.add_argument("--sae-lr", type=positive_float, default=1e-3)
+    p.add_argument("--sae-epochs", type=positive_int, default=200)
+    if with_device:
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def sae_options(args: argparse.Namespace):
+    from recsae_core.pipeline import SAEOptions
+    from recsae_core.runs import resolve_device
+
+    if args.k > args.latents:
+        raise ConfigError(f"--k {args.k} exceeds --latents {args.latents}")
+    return SAEOptions(
+        n_latents=args.latents, k=args.k, lr=args.sae_lr, epochs=args.sae_epochs,
+        device=resolve_device(args.device), progress=not args.quiet,
+    )  # fmt: skip
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> int:
+    from recsae_core.data import load_dataset
+    from recsae_core.splits import make_split
+
+    data = load_dataset(args.dataset)
+    general = make_split(data, args.protocol, sequential=False, seed=args.seed)
+    popularity = general.item_popularity()
+    info = {
+        "dataset": data.name,
+        "protocol": args.protocol,
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_interactions": data.n_interactions,
+        "density": round(data.n_interactions / (data.n_users * data.n_items), 6),
+        "filters": data.filters,
+        "split_general": "leave-one-out by time" if general.sequential else "per-user random 8:1:1",
+        "split_sequential": "leave-one-out by time",
+        "train_valid_test": [general.n_train, int(general.valid.indptr[-1]), int(general.test.indptr[-1])],
+        "has_item_metadata": any(g for g in data.item_meta.genres),
+        "has_user_metadata": data.user_meta is not None,
+        "max_item_train_popularity": int(popularity.max()),
+    }
+    print(json.dumps(info))
+    return 0
+
+
+@command("train-recommender")
+def cmd_train(args: argparse.Namespace) -> int:
+    from recsae_core.runs import train_step
+    from recsae_core.train import TrainConfig
+
+    config = TrainConfig(
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    metrics = train_step(args.out, args.dataset, args.model, args.protocol, config)
+    summary = {k: metrics[k] for k in ("dataset", "model", "protocol", "epochs_trained", "train_seconds")}
+    summary["test"] = {k: v for k, v in metrics["test"].items() if k.endswith("@10")}
+    print(json.dumps(summary))
+    return 0
+
+
+@command("train-sae")
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from recsae_core.pipeline import probe_step, sae_step
+
+    options = sae_options(args)
+    probe_step(args.run, options.progress)
+    metrics = sae_step(args.run, options)
+    keys = ("fvu", "dead_fraction", "seconds", "ndcg@10", "passthrough_identical_top10_fraction")
+    print(json.dumps({k: metrics[k] for k in keys}))
+    return 0
+
+
+@command("bundle")
+def cmd_bundle(args: argparse.Namespace) -> int:
+    if args.import_onnx is not None:
+        from recsae_core.importer import import_onnx
+
+        missing = [f for f in ("item_embeddings", "items", "user_inputs", "out") if getattr(args, f) is None]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise ConfigError(f"--import-onnx also needs {flags}")
+        result = import_onnx(
+            args.import_onnx, args.item_embeddings, args.items, args.user_inputs, args.out, sae_options(args),
+            name=args.name, work=args.work,
+        )  # fmt: skip
+        print(json.dumps(result))
+        return 0
+    if args.run is None:
+        raise ConfigError("bundle needs --run RUN_DIR (or --import-onnx MODEL.onnx ...)")
+    from recsae_core.pipeline import bundle_step
+
+    print(json.dumps(bundle_step(args.run, args.out)))
+    return 0
+
+
+@command("pipeline")
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from recsae_core.pipeline import run_pipeline
+    from recsae_core.train import TrainConfig
+
+    train_config = TrainConfig(
+        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    summary = run_pipeline(
+        args.out, args.dataset, args.model, args.protocol, train_config, sae_options(args), force=args.force
+    )
+    print(json.dumps({"run": str(args.out), "steps": list(summary)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RecsaeError as err:
+        print(f"recsae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recsae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The offline steps after training, and the pipeline that runs every step in order, skipping finished ones."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsae_core.artifacts import atomic_folder, read_json, write_json
+from recsae_core.bundle import verify_bundle, write_bundle
+from recsae_core.errors import ArtifactError, RecsaeError
+from recsae_core.evaluate import evaluate, make_batch, mask_seen
+from recsae_core.export import contents_from_run
+from recsae_core.probe import PROBE, collect, load_activations, probe_complete
+from recsae_core.runs import RunContext, load_run, recommender_complete, train_step
+from recsae_core.sae import SAEConfig, TopKSAE
+from recsae_core.sae_train import (
+    SAETrainConfig,
+    evaluate_reconstruction,
+    latent_statistics,
+    random_sae,
+    save_stats,
+    train_sae,
+)
+from recsae_core.splits import Stage
+from recsae_core.train import TrainConfig
+
+SAE = "sae"
+BUNDLE = "bundle"
+
+
+@dataclass
+class SAEOptions:
+    """SAE step options (RecSAE defaults: 16x latents, k=8)."""
+
+    n_latents: int = 1024
+    k: int = 8
+    lr: float = 1e-3
+    epochs: int = 200
+    patience: int = 10
+    batch_size: int = 0
+    """0 picks a size giving at least ~32 steps per epoch (general models have one sample per user only)."""
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+
+def substitute(sae: TopKSAE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> the SAE reconstruction (what RecSAE evaluates and selects checkpoints on)."""
+    return lambda h: sae(h).x_hat
+
+
+def error_preserving(sae: TopKSAE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h -> x_hat + (h - x_hat): the numerical path of an intervention with no edits."""
+
+    def apply(h: torch.Tensor) -> torch.Tensor:
+        x_hat = sae(h).x_hat
+        return x_hat + (h - x_hat)
+
+    return apply
+
+
+@torch.no_grad()
+def compare_rankings(ctx: RunContext, stage: Stage, transform: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """Share of users whose top-10 is unchanged by `transform`, and the largest score difference."""
+    seen, targets = ctx.split.seen(stage), ctx.split.targets(stage)
+    users = np.flatnonzero(targets.lengths > 0)
+    identical, max_diff = 0, 0.0
+    for start in range(0, len(users), 1024):
+        chunk = users[start : start + 1024]
+        h = ctx.model.represent(make_batch(ctx.model, chunk, seen, "cpu"))
+        original = mask_seen(ctx.model.score(h), chunk, seen)
+        changed = mask_seen(ctx.model.score(transform(h)), chunk, seen)
+        finite = torch.isfinite(original)
+        max_diff = max(max_diff, float((original[finite] - changed[finite]).abs().max()))
+        same = (original.topk(10, dim=1).indices == changed.topk(10, dim=1).indices).all(dim=1)
+        identical += int(same.sum())
+    return {"identical_top10_fraction": identical / len(users), "max_abs_score_diff": max_diff}
+
+
+def probe_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    ctx = load_run(run_dir)
+    result = collect(ctx, progress=progress)
+    return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
+
+
+def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
+    """Train the SAE on the probe, select it by dev NDCG@10 with substitution, and evaluate it on test."""
+    ctx = load_run(run_dir, device="cpu")
+    if not probe_complete(run_dir):
+        raise ArtifactError(f"{run_dir / PROBE}: no complete probe (run 'recsae pipeline' or the probe step first)")
+    activations, _, _ = load_activations(run_dir / PROBE)
+    n, d = activations.shape
+    batch = options.batch_size or int(np.clip(n // 32, 64, 4096))
+    sae_config = SAEConfig(d_in=d, n_latents=options.n_latents, k=options.k)
+    train_config = SAETrainConfig(
+        lr=options.lr, batch_size=batch, epochs=options.epochs, patience=options.patience, seed=options.seed,
+        device=options.device, progress=options.progress,
+    )  # fmt: skip
+
+    def select(sae: TopKSAE) -> float:
+        return evaluate(ctx.model, ctx.split, "valid", transform=substitute(sae.cpu().eval()))["ndcg@10"]
+
+    started = time.perf_counter()
+    result = train_sae(activations, sae_config, train_config, select=select)
+    seconds = time.perf_counter() - started
+    sae = result.sae.cpu().eval()
+    baseline = random_sae(sae.cfg, activations, options.seed).eval()
+    stats = latent_statistics(sae, activations)
+    recon = evaluate_reconstruction(sae, activations)
+    with torch.no_grad():
+        ndcg = {
+            "original": evaluate(ctx.model, ctx.split, "test")["ndcg@10"],
+            "substituted": evaluate(ctx.model, ctx.split, "test", transform=substitute(sae))["ndcg@10"],
+            "error_preserving": evaluate(ctx.model, ctx.split, "test", transform=error_preserving(sae))["ndcg@10"],
+            "random_sae_substituted": evaluate(ctx.model, ctx.split, "test", transform=substitute(baseline))["ndcg@10"],
+        }
+        passthrough = compare_rankings(ctx, "test", error_preserving(sae))
+    metrics = {
+        "fvu": recon["fvu"],
+        "dead_fraction": stats.dead_fraction,
+        "mean_l0": recon["mean_l0"],
+        "random_sae_fvu": evaluate_reconstruction(baseline, activations)["fvu"],
+        "seconds": round(seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 1),
+        "n_samples": n,
+        "n_latents": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "lr": options.lr,
+        "batch_size": batch,
+        "best_epoch": result.best_epoch,
+        "epochs_trained": result.epochs_trained,
+        "ndcg@10": ndcg,
+        "substituted_ratio": round(ndcg["substituted"] / ndcg["original"], 4),
+        "passthrough_identical_top10_fraction": passthrough["identical_top10_fraction"],
+        "passthrough_max_abs_score_diff": passthrough["max_abs_score_diff"],
+        "history": result.history,
+    }
+    with atomic_folder(run_dir / SAE) as folder:
+        sae.save(folder, hook_name=f"{ctx.model.name}.h")
+        save_stats(stats, folder / "latent_stats.safetensors")
+        write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def sae_complete(run_dir: Path) -> bool:
+    folder = run_dir / SAE
+    files = ("cfg.json", "sae_weights.safetensors", "latent_stats.safetensors", "metrics.json")
+    return all((folder / f).is_file() for f in files)
+
+
+def bundle_step(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Export the run (ONNX, items, users, SAE, and catalog/policies when present) into a verified bundle."""
+    if not sae_complete(run_dir):
+        raise ArtifactError(f"{run_dir / SAE}: no trained SAE (run 'recsae train-sae --run {run_dir}' first)")
+    ctx = load_run(run_dir)
+    out = out or run_dir / BUNDLE
+    with tempfile.TemporaryDirectory() as work:
+        contents, parity = contents_from_run(ctx, run_dir / SAE, Path(work))
+        catalog = run_dir / "concepts" / "catalog.json"
+        contents.catalog_path = catalog if catalog.is_file() else None
+        contents.policy_paths = sorted((run_dir / "policies").glob("*.json"))
+        manifest = write_bundle(contents, out, parity=parity)
+    verify_bundle(out)
+    return {"bundle": str(out), "versions": manifest["versions"], "parity": parity}
+
+
+def bundle_complete(run_dir: Path) -> bool:
+    try:
+        verify_bundle(run_dir / BUNDLE)
+    except RecsaeError:
+        return False
+    return True
+
+
+def run_pipeline(
+    run_dir: Path,
+    dataset: str,
+    model: str,
+    protocol: str,
+    train_config: TrainConfig,
+    sae_options: SAEOptions,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every offline step in order; a step whose outputs are complete and valid is skipped (unless `force`)."""
+    if recommender_complete(run_dir):
+        existing = read_json(run_dir / "recommender" / "config.json")
+        if (existing.get("dataset"), existing.get("recommender", {}).get("model")) != (dataset, model):
+            raise ArtifactError(
+                f"{run_dir}: holds a {existing.get('recommender', {}).get('model')} run on "
+                f"{existing.get('dataset')}, not {model} on {dataset}; use another --out"
+            )
+    steps: list[tuple[str, Callable[[], bool], Callable[[], dict]]] = [
+        ("recommender", lambda: recommender_complete(run_dir),
+         lambda: train_step(run_dir, dataset, model, protocol, train_config)),
+        ("probe", lambda: probe_complete(run_dir), lambda: probe_step(run_dir, sae_options.progress)),
+        ("sae", lambda: sae_complete(run_dir), lambda: sae_step(run_dir, sae_options)),
+        ("bundle", lambda: bundle_complete(run_dir), lambda: bundle_step(run_dir)),
+    ]  # fmt: skip
+    summary: dict[str, Any] = {}
+    redo = force
+    for index, (name, complete, run) in enumerate(steps, start=1):
+        if not redo and complete():
+            log(f"[{index}/{len(steps)}] {name}: up to date, skipped")
+            summary[name] = "skipped"
+            continue
+        log(f"[{index}/{len(steps)}] {name}: running")
+        started = time.perf_counter()
+        summary[name] = run()
+        redo = True  # later steps depend on this one's output
+        log(f"[{index}/{len(steps)}] {name}: done in {time.perf_counter() - started:.1f}s")
+    return summary

@@ -1,0 +1,227 @@
+"""Collect the representation h right before the prediction layer, streamed into safetensors shards.
+
+For general and graph models one sample is one user; for sequential models one sample is one valid position of
+one training window (as RecSAE trains its SAE on every position). Each sample records its user and position so
+that later steps can show it to people as "this user, after these items".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from recsae_core.artifacts import atomic_folder, read_json, write_json
+from recsae_core.errors import ArtifactError
+from recsae_core.evaluate import make_batch
+from recsae_core.runs import RunContext
+from recsae_core.train import sequence_windows
+
+PROBE = "probe"
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe wrote."""
+
+    folder: Path
+    """The probe folder."""
+    n_samples: int
+    """Activations collected."""
+    d: int
+    """Width of h."""
+    shards: list[str]
+    """Shard file names, in order."""
+
+
+class ShardWriter:
+    """Buffers rows and writes fixed-size shards so memory stays bounded by one shard."""
+
+    def __init__(self, folder: Path, rows_per_shard: int) -> None:
+        self.folder, self.rows_per_shard = folder, rows_per_shard
+        self.buffer: dict[str, list[np.ndarray]] = {}
+        self.buffered, self.total, self.shards = 0, 0, []
+
+    def add(self, **columns: np.ndarray) -> None:
+        for name, values in columns.items():
+            self.buffer.setdefault(name, []).append(values)
+        self.buffered += len(next(iter(columns.values())))
+        while self.buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, rows: int) -> None:
+        joined = {name: np.concatenate(parts) for name, parts in self.buffer.items()}
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({k: np.ascontiguousarray(v[:rows]) for k, v in joined.items()}, str(self.folder / name))
+        self.shards.append(name)
+        self.buffer = {k: [v[rows:]] for k, v in joined.items()}
+        self.buffered -= rows
+        self.total += rows
+
+    def close(self) -> list[str]:
+        if self.buffered:
+            self._flush(self.buffered)
+        return self.shards
+
+
+def _sequence_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(h, user, position) for every non-padded position of every training window; position indexes the user's
+    training sequence, so each sample maps back to a real prefix."""
+    windows = sequence_windows(ctx.split, ctx.model.config.max_len)
+    pad = ctx.model.config.n_items
+    for start in range(0, len(windows.inputs), batch_size):
+        history = torch.from_numpy(windows.inputs[start : start + batch_size])
+        with torch.no_grad():
+            out = ctx.model.encode(history).numpy()
+        valid = history.numpy() != pad
+        rows, cols = np.nonzero(valid)
+        positions = windows.ends[start : start + batch_size][rows] - (valid.shape[1] - cols)
+        yield out[rows, cols], windows.users[start : start + batch_size][rows], positions
+
+
+def _user_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    seen = ctx.split.train
+    for start in range(0, ctx.split.n_users, batch_size):
+        users = np.arange(start, min(start + batch_size, ctx.split.n_users))
+        with torch.no_grad():
+            h = ctx.model.represent(make_batch(ctx.model, users, seen, "cpu")).numpy()
+        yield h, users, seen.lengths[users] - 1
+
+
+def collect(ctx: RunContext, rows_per_shard: int = 131072, batch_size: int = 512, progress: bool = True) -> ProbeResult:
+    """Probe a trained run into RUN_DIR/probe (atomically)."""
+    ctx.model.cpu().eval()
+    samples = _sequence_samples(ctx, batch_size) if ctx.model.sequential else _user_samples(ctx, batch_size)
+    target = ctx.root / PROBE
+    with atomic_folder(target) as folder:
+        writer = ShardWriter(folder, rows_per_shard)
+        for h, users, positions in tqdm(samples, desc="probe", disable=not progress, unit="batch"):
+            writer.add(h=h.astype(np.float32), user=users.astype(np.int64), position=positions.astype(np.int64))
+        shards = writer.close()
+        d = int(ctx.model.config.dim)
+        write_json(
+            folder / META,
+            {
+                "n_samples": writer.total,
+                "d": d,
+                "shards": shards,
+                "source": ctx.model.name,
+                "sample": "position" if ctx.model.sequential else "user",
+            },
+        )
+    return ProbeResult(folder=target, n_samples=writer.total, d=d, shards=shards)
+
+
+def collect_onnx(
+    model_path: Path,
+    inputs_path: Path,
+    out: Path,
+    output_name: str | None = None,
+    batch_size: int = 1024,
+    rows_per_shard: int = 131072,
+    progress: bool = True,
+) -> ProbeResult:
+    """Probe a recommender we did not train: an ONNX model mapping its own inputs to h, fed from a safetensors file
+    whose tensors are named like the model's inputs and share their first (batch) axis."""
+    session = open_onnx(model_path)
+    inputs = load_inputs(inputs_path, session)
+    n = len(next(iter(inputs.values())))
+    outputs = [o.name for o in session.get_outputs()]
+    name = output_name or ("h" if "h" in outputs else outputs[0])
+    if name not in outputs:
+        raise ArtifactError(f"{model_path}: no output named '{name}'; outputs are {outputs}")
+    with atomic_folder(out) as folder:
+        writer = ShardWriter(folder, rows_per_shard)
+        d = 0
+        for start in tqdm(range(0, n, batch_size), desc="probe onnx", disable=not progress, unit="batch"):
+            feed = {k: v[start : start + batch_size] for k, v in inputs.items()}
+            h = session.run([name], feed)[0]
+            if h.ndim != 2 or len(h) != len(next(iter(feed.values()))):
+                raise ArtifactError(f"{model_path}: output '{name}' has shape {h.shape}; expected (batch, d)")
+            if not np.isfinite(h).all():
+                raise ArtifactError(f"{model_path}: output '{name}' has NaN/inf for input rows from {start}")
+            d = h.shape[1]
+            rows = np.arange(start, start + len(h), dtype=np.int64)
+            writer.add(h=h.astype(np.float32), user=rows, position=np.zeros(len(h), dtype=np.int64))
+        shards = writer.close()
+        write_json(
+            folder / META,
+            {"n_samples": writer.total, "d": d, "shards": shards, "source": str(model_path), "sample": "input-row"},
+        )
+    return ProbeResult(folder=out, n_samples=writer.total, d=d, shards=shards)
+
+
+def open_onnx(path: Path, threads: int = 0) -> ort.InferenceSession:
+    if not path.is_file():
+        raise ArtifactError(f"{path}: ONNX model not found")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises several unrelated exception types for bad files
+        raise ArtifactError(f"{path}: not a loadable ONNX model ({str(err).splitlines()[0][:200]})") from None
+
+
+ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(double)": np.float64,
+}
+
+
+def load_inputs(path: Path, session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Model inputs from a safetensors file, checked against the session's input names, dtypes and batch sizes."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, FileNotFoundError, OSError) as err:
+        raise ArtifactError(f"{path}: cannot read inputs ({err})") from None
+    wanted = {i.name: i for i in session.get_inputs()}
+    missing = sorted(set(wanted) - set(tensors))
+    if missing:
+        raise ArtifactError(f"{path}: lacks model input(s) {missing}; it has {sorted(tensors)}")
+    out = {}
+    for name, spec in wanted.items():
+        dtype = ORT_TO_NUMPY.get(spec.type)
+        if dtype is None:
+            raise ArtifactError(f"model input '{name}' has unsupported type {spec.type}")
+        out[name] = tensors[name].astype(dtype, copy=False)
+    sizes = {name: len(v) for name, v in out.items()}
+    if len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise ArtifactError(f"{path}: inputs must share a non-empty first axis; got {sizes}")
+    return out
+
+
+def load_activations(folder: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """All probed h (N, d) as one float32 tensor, with each sample's user and position."""
+    meta = read_json(folder / META)
+    hs, users, positions = [], [], []
+    for shard in meta.get("shards", []):
+        try:
+            tensors = load_file(str(folder / shard))
+        except (SafetensorError, FileNotFoundError, OSError) as err:
+            raise ArtifactError(f"{folder / shard}: cannot read shard ({err})") from None
+        hs.append(tensors["h"])
+        users.append(tensors["user"])
+        positions.append(tensors["position"])
+    if not hs or sum(len(h) for h in hs) != meta.get("n_samples"):
+        raise ArtifactError(f"{folder / META}: shards do not add up to n_samples={meta.get('n_samples')}")
+    return torch.from_numpy(np.concatenate(hs)), np.concatenate(users), np.concatenate(positions)
+
+
+def probe_complete(run_dir: Path) -> bool:
+    try:
+        meta = read_json(run_dir / PROBE / META)
+    except ArtifactError:
+        return False
+    return all((run_dir / PROBE / s).is_file() for s in meta.get("shards", []))

@@ -1,0 +1,20 @@
+"""The three recommender families the method is demonstrated on, behind one interface."""
+
+from recsae_core.recommenders.base import Batch, Recommender, RecommenderConfig
+from recsae_core.recommenders.bprmf import BPRMF
+from recsae_core.recommenders.lightgcn import LightGCN, LightGCNConfig
+from recsae_core.recommenders.sasrec import SASRec, SASRecConfig
+
+MODELS: dict[str, type[Recommender]] = {m.name: m for m in (BPRMF, LightGCN, SASRec)}
+
+__all__ = [
+    "BPRMF",
+    "MODELS",
+    "Batch",
+    "LightGCN",
+    "LightGCNConfig",
+    "Recommender",
+    "RecommenderConfig",
+    "SASRec",
+    "SASRecConfig",
+]

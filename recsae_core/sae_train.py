@@ -1,0 +1,381 @@
+"""Training the TopK SAE on probed activations, and the per-latent statistics later steps rely on."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from recsae_core.errors import ArtifactError, ConfigError
+from recsae_core.sae import SAEConfig, TopKSAE, save_tensors_atomic
+
+STATS_FILE = "latent_stats.safetensors"
+DECILES = torch.arange(1, 10, dtype=torch.float64) / 10
+
+Activations = Tensor | Iterable[Tensor]
+"""One (N, d) tensor, or a re-iterable of shard tensors (a list, or an object whose __iter__ reads shards afresh)."""
+
+
+@dataclass
+class SAETrainConfig:
+    """How to train the SAE (RecSAE grid: lr in {1e-5, 5e-5, 1e-4})."""
+
+    lr: float = 1e-4
+    batch_size: int = 4096
+    epochs: int = 50
+    patience: int = 5
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"SAETrainConfig.lr must be > 0, got {self.lr}")
+        if self.batch_size < 2:
+            raise ConfigError(
+                f"SAETrainConfig.batch_size must be >= 2 (FVU needs a batch variance), got {self.batch_size}"
+            )
+        if self.epochs < 1 or self.patience < 1:
+            raise ConfigError(f"SAETrainConfig.epochs and patience must be >= 1, got {self.epochs}, {self.patience}")
+
+
+@dataclass
+class SAETrainResult:
+    """What SAE training produced."""
+
+    sae: TopKSAE
+    """The kept (best-scoring) SAE, in eval mode."""
+    best_epoch: int
+    """1-based epoch whose weights were kept."""
+    best_score: float
+    """Selection score of that epoch (select(sae), else -valid FVU, else -train FVU)."""
+    epochs_trained: int
+    """Epochs actually run (early stopping may end before `epochs`)."""
+    seconds: float
+    """Wall-clock training time, selection included."""
+    samples_per_second: float
+    """Training throughput over all epochs."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu, score."""
+
+
+def _shards(data: Activations) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        return [data]
+    if iter(data) is data:
+        raise ConfigError("activations must be a tensor or a re-iterable of shards, not a one-shot iterator")
+    return data
+
+
+def iter_batches(
+    data: Activations, batch_size: int, generator: torch.Generator | None = None, device: str = "cpu"
+) -> Iterator[Tensor]:
+    """Batches of rows; with a generator, rows are shuffled within each shard and rows left over at the end of
+    a shard are carried into the next one, so only the very last batch can be short."""
+    carry: Tensor | None = None
+    for shard in _shards(data):
+        if shard.ndim != 2:
+            raise ConfigError(f"activation shards must be 2-D (N, d), got shape {tuple(shard.shape)}")
+        rows = shard.to(torch.float32)
+        if generator is not None:
+            rows = rows[torch.randperm(len(rows), generator=generator)]
+        if carry is not None:
+            rows = torch.cat([carry, rows])
+        end = len(rows) - len(rows) % batch_size
+        for start in range(0, end, batch_size):
+            yield rows[start : start + batch_size].to(device)
+        carry = rows[end:]
+    if carry is not None and len(carry):
+        yield carry.to(device)
+
+
+def _first_rows(data: Activations, n: int) -> Tensor:
+    parts, have = [], 0
+    for shard in _shards(data):
+        parts.append(shard[: n - have].to(torch.float32))
+        have += len(parts[-1])
+        if have >= n:
+            break
+    if not have:
+        raise ConfigError("no activations to train on")
+    return torch.cat(parts)
+
+
+def random_sae(config: SAEConfig, data: Activations, seed: int) -> TopKSAE:
+    """The random-init baseline: exactly the SAE training starts from (same seed, b_dec from the data)."""
+    sae = TopKSAE(config, seed=seed)
+    sae.init_from_data(_first_rows(data, 32768))
+    return sae
+
+
+def train_sae(
+    activations: Activations,
+    sae_config: SAEConfig,
+    train_config: SAETrainConfig,
+    select: Callable[[TopKSAE], float] | None = None,
+    valid: Tensor | None = None,
+    init: TopKSAE | None = None,
+) -> SAETrainResult:
+    """Adam on FVU + aux_coef * AuxK, with early stopping on `select(sae)` (higher is better: RecSAE uses the dev
+    NDCG@10 with the reconstruction substituted), else on -FVU of `valid`, else on -FVU of the training epoch.
+
+    Training starts from `random_sae(sae_config, activations, seed)`, or from a copy of `init` when given
+    (whose config then replaces `sae_config`)."""
+    tc = train_config
+    gen = torch.Generator().manual_seed(tc.seed)
+    sae = copy.deepcopy(init) if init is not None else random_sae(sae_config, activations, tc.seed)
+    sae = sae.to(tc.device).train()
+    cfg = sae.cfg
+    optimizer = torch.optim.Adam(sae.parameters(), lr=tc.lr)
+
+    # Samples seen since each latent last fired; a latent is dead once that reaches dead_after. With dead_after
+    # unset it is one epoch, which for shards is known only after the first pass; no latent can reach an epoch's
+    # count before then, so "infinite" during epoch 1 is the same rule.
+    since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=tc.device)
+    dead_after = cfg.dead_after if cfg.dead_after is not None else math.inf
+    if cfg.dead_after is None and isinstance(activations, Tensor):
+        dead_after = len(activations)
+
+    best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(sae.state_dict())
+    history: list[dict[str, float]] = []
+    seen, start, stale = 0, time.perf_counter(), 0
+    bar = tqdm(range(1, tc.epochs + 1), desc="sae", unit="epoch", disable=not tc.progress)
+    for epoch in bar:
+        fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=tc.device)
+        sums = {"fvu": 0.0, "aux_loss": 0.0}
+        n_batches, epoch_samples = 0, 0
+        for x in iter_batches(activations, tc.batch_size, gen, tc.device):
+            if len(x) < 2:
+                continue  # a one-row batch has no variance to explain
+            dead_mask = since_fired >= dead_after if cfg.aux_coef > 0 else None
+            out = sae(x, dead_mask)
+            loss = out.fvu + cfg.aux_coef * out.aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            sae.remove_parallel_gradient()
+            optimizer.step()
+            sae.normalize_decoder()
+
+            active = (out.z > 0).any(0)
+            fired |= active
+            since_fired += len(x)
+            since_fired[active] = 0
+            sums["fvu"] += out.fvu.item()
+            sums["aux_loss"] += out.aux_loss.item()
+            n_batches += 1
+            epoch_samples += len(x)
+        if n_batches == 0:
+            raise ConfigError("no training batch with at least 2 rows")
+        seen += epoch_samples
+        if cfg.dead_after is None:
+            dead_after = epoch_samples
+
+        row: dict[str, float] = {
+            "epoch": epoch,
+            "fvu": sums["fvu"] / n_batches,
+            "aux_loss": sums["aux_loss"] / n_batches,
+            "dead_fraction": 1.0 - float(fired.float().mean()),
+        }
+        sae.eval()
+        with torch.no_grad():
+            if valid is not None:
+                row["valid_fvu"] = evaluate_reconstruction(sae, valid, tc.batch_size)["fvu"]
+            score = float(select(sae)) if select is not None else -row.get("valid_fvu", row["fvu"])
+        sae.train()
+        row["score"] = score
+        history.append(row)
+        bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}", score=f"{score:.4f}")
+
+        if score > best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy(sae.state_dict())
+        else:
+            stale += 1
+            if stale >= tc.patience:
+                break
+    bar.close()
+
+    seconds = time.perf_counter() - start
+    sae.load_state_dict(best_state)
+    return SAETrainResult(
+        sae=sae.eval(),
+        best_epoch=best_epoch,
+        best_score=best_score,
+        epochs_trained=len(history),
+        seconds=seconds,
+        samples_per_second=seen / max(seconds, 1e-9),
+        history=history,
+    )
+
+
+@torch.no_grad()
+def evaluate_reconstruction(sae: TopKSAE, activations: Activations, batch_size: int = 4096) -> dict[str, float]:
+    """FVU over the whole set (one global mean, not per batch), share of latents that never fire, mean L0."""
+    sq_err = sq_sum = 0.0
+    total = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)
+    n = l0 = 0
+    for x in iter_batches(activations, batch_size, device=str(sae.device)):
+        z = sae.encode(x)
+        sq_err += float((sae.decode(z) - x).double().pow(2).sum())
+        sq_sum += float(x.double().pow(2).sum())
+        total += x.double().sum(0).cpu()
+        fired |= (z > 0).any(0).cpu()
+        l0 += int((z > 0).sum())
+        n += len(x)
+    if n == 0:
+        raise ConfigError("no activations to evaluate")
+    variance = sq_sum - float(total.pow(2).sum()) / n  # sum ||x - mean||^2 = sum ||x||^2 - n ||mean||^2
+    return {
+        "fvu": sq_err / max(variance, 1e-30),
+        "dead_fraction": 1.0 - float(fired.float().mean()),
+        "mean_l0": l0 / n,
+    }
+
+
+@dataclass
+class LatentStats:
+    """Per-latent activation statistics over a set of samples (zeros where a latent never fired)."""
+
+    frequency: Tensor
+    """(n_latents,) share of samples where z > 0."""
+    mean_activation: Tensor
+    """(n_latents,) mean of z over the samples where it fired."""
+    max_activation: Tensor
+    """(n_latents,) largest z seen."""
+    std_activation: Tensor
+    """(n_latents,) std of z over all samples, zeros included: the 'std' unit for steering."""
+    deciles: Tensor
+    """(n_latents, 9) cut points of each latent's positive activations."""
+    global_deciles: Tensor
+    """(9,) cut points of all positive activations pooled: RecSAE's activation levels 1..10."""
+    n_samples: int
+    """Samples the statistics were computed on."""
+
+    @property
+    def n_latents(self) -> int:
+        return len(self.frequency)
+
+    @property
+    def dead_fraction(self) -> float:
+        """Share of latents that never fired."""
+        return float((self.frequency == 0).float().mean())
+
+    def levels(self, z: Tensor) -> Tensor:
+        """RecSAE activation levels: 0 where inactive, else 1..10 by global decile."""
+        cuts = self.global_deciles.to(z.device, z.dtype)
+        return torch.where(z > 0, 1 + torch.bucketize(z, cuts, right=True), torch.zeros_like(z, dtype=torch.long))
+
+
+def _interpolated_quantiles(values: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:
+    """Linear-interpolated deciles of groups stored sorted and contiguous in `values` (as torch.quantile does)."""
+    pos = (counts.clamp_min(1) - 1).double()[:, None] * DECILES[None, :]
+    lo = pos.floor().long()
+    hi = pos.ceil().long()
+    base = offsets[:, None]
+    last = max(len(values) - 1, 0)
+    v_lo = values[(base + lo).clamp(0, last)].double() if len(values) else torch.zeros_like(pos)
+    v_hi = values[(base + hi).clamp(0, last)].double() if len(values) else torch.zeros_like(pos)
+    out = v_lo + (pos - lo.double()) * (v_hi - v_lo)
+    return torch.where(counts[:, None] > 0, out, torch.zeros_like(out)).float()
+
+
+@torch.no_grad()
+def latent_statistics(sae: TopKSAE, activations: Activations, batch_size: int = 4096) -> LatentStats:
+    """Exact statistics over every sample. Memory: every positive activation is kept for the deciles,
+    about 12 bytes x k x n_samples."""
+    n_lat = sae.cfg.n_latents
+    count = torch.zeros(n_lat, dtype=torch.long)
+    total = torch.zeros(n_lat, dtype=torch.float64)
+    total_sq = torch.zeros(n_lat, dtype=torch.float64)
+    peak = torch.zeros(n_lat)
+    latent_ids: list[Tensor] = []
+    values: list[Tensor] = []
+    n = 0
+    for x in iter_batches(activations, batch_size, device=str(sae.device)):
+        z = sae.encode(x).cpu()
+        rows, cols = z.nonzero(as_tuple=True)
+        vals = z[rows, cols]
+        latent_ids.append(cols)
+        values.append(vals)
+        count += torch.bincount(cols, minlength=n_lat)
+        total.index_add_(0, cols, vals.double())
+        total_sq.index_add_(0, cols, vals.double().pow(2))
+        peak = torch.maximum(peak, z.amax(0))
+        n += len(x)
+    if n == 0:
+        raise ConfigError("no activations to compute latent statistics on")
+    ids = torch.cat(latent_ids)
+    vals = torch.cat(values)
+    # Sort by value, then stably by latent: each latent's values end up contiguous and ascending.
+    order = vals.argsort(stable=True)
+    ids, vals = ids[order], vals[order]
+    order = ids.argsort(stable=True)
+    grouped = vals[order]
+    offsets = torch.cumsum(count, 0) - count
+    pooled = vals  # already ascending
+    one_group = torch.zeros(1, dtype=torch.long), torch.tensor([len(pooled)])
+    mean_all = total / n
+    return LatentStats(
+        frequency=(count.double() / n).float(),
+        mean_activation=torch.where(count > 0, total / count.clamp_min(1), 0.0).float(),
+        max_activation=peak,
+        std_activation=(total_sq / n - mean_all.pow(2)).clamp_min(0).sqrt().float(),
+        deciles=_interpolated_quantiles(grouped, offsets, count),
+        global_deciles=_interpolated_quantiles(pooled, *one_group)[0],
+        n_samples=n,
+    )
+
+
+_STATS_SHAPES = {"frequency": 1, "mean_activation": 1, "max_activation": 1, "std_activation": 1, "deciles": 2}
+
+
+def save_stats(stats: LatentStats, path: Path) -> None:
+    """Write statistics to one safetensors file (conventionally STATS_FILE beside the SAE), atomically."""
+    tensors = {name: getattr(stats, name).detach().cpu().float().contiguous() for name in _STATS_SHAPES}
+    tensors["global_deciles"] = stats.global_deciles.detach().cpu().float().contiguous()
+    save_tensors_atomic(tensors, Path(path), metadata={"n_samples": str(stats.n_samples)})
+
+
+def load_stats(path: Path, n_latents: int | None = None) -> LatentStats:
+    """Read statistics back, refusing missing, corrupt or inconsistent files (and a latent count that differs
+    from `n_latents` when given)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata: dict[str, Any] = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ArtifactError(f"{path}: cannot read latent statistics ({err})") from None
+    missing = sorted({*_STATS_SHAPES, "global_deciles"} - set(tensors))
+    if missing:
+        raise ArtifactError(f"{path}: missing tensors {missing}")
+    try:
+        n_samples = int(metadata["n_samples"])
+    except (KeyError, ValueError):
+        raise ArtifactError(f"{path}: metadata lacks a valid n_samples") from None
+    n = len(tensors["frequency"])
+    expected = {name: (n,) if dims == 1 else (n, 9) for name, dims in _STATS_SHAPES.items()}
+    expected["global_deciles"] = (9,)
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ArtifactError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        if not torch.isfinite(tensors[name]).all():
+            raise ArtifactError(f"{path}: {name} contains NaN or infinite values")
+    if n_samples < 1 or not ((tensors["frequency"] >= 0) & (tensors["frequency"] <= 1)).all():
+        raise ArtifactError(f"{path}: n_samples must be >= 1 and frequencies within [0, 1]")
+    if n_latents is not None and n != n_latents:
+        raise ArtifactError(f"{path}: statistics cover {n} latents, but the SAE has {n_latents}")
+    return LatentStats(**{k: tensors[k] for k in expected}, n_samples=n_samples)
