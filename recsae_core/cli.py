@@ -99,13 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--out", required=True, type=Path, help="run folder")
     pipe.add_argument("--force", action="store_true", help="redo every step")
     add_sae_options(pipe, with_device=False)
+    sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
+    sweep.add_argument("--run", required=True, type=Path)
+    sweep.add_argument("--k", dest="ks", default="4,8,16,32", help="comma-separated k values")
+    sweep.add_argument("--widths", default="1024", help="comma-separated latent counts")
+    sweep.add_argument("--out", required=True, type=Path, help="JSON file; an .html page is written beside it")
+    add_sae_options(sweep)
     return parser
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}")
+    return values
 
 
 def add_sae_options(p: argparse.ArgumentParser, with_device: bool = True) -> None:
     p.add_argument("--latents", type=positive_int, default=1024, help="SAE width (RecSAE: 16 x d)")
     p.add_argument("--k", type=positive_int, default=8, help="latents kept per sample")
-    p.add_argument("--sae-lr", type=positive_float, default=1e-3)
+    p.add_argument("--sae-lr", type=positive_float, default=3e-3)
     p.add_argument("--sae-epochs", type=positive_int, default=200)
     if with_device:
         p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -220,6 +236,18 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         args.out, args.dataset, args.model, args.protocol, train_config, sae_options(args), force=args.force
     )
     print(json.dumps({"run": str(args.out), "steps": list(summary)}))
+    return 0
+
+
+@command("sae-sweep")
+def cmd_sae_sweep(args: argparse.Namespace) -> int:
+    from recsae_core.sae_sweep import sweep_sae
+
+    ks, widths = int_list(args.ks, "--k"), int_list(args.widths, "--widths")
+    args.k, args.latents = min(ks), max(widths)
+    result = sweep_sae(args.run, ks, widths, sae_options(args), args.out)
+    for point in result["points"]:
+        print(json.dumps(point))
     return 0
 
 

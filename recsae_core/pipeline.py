@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from recsae_core.probe import PROBE, collect, load_activations, probe_complete
 from recsae_core.runs import RunContext, load_run, recommender_complete, train_step
 from recsae_core.sae import SAEConfig, TopKSAE
 from recsae_core.sae_train import (
+    LatentStats,
     SAETrainConfig,
     evaluate_reconstruction,
     latent_statistics,
@@ -41,9 +43,12 @@ class SAEOptions:
 
     n_latents: int = 1024
     k: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
+    """Above RecSAE's grid: with under 1M samples lower rates stop with many latents dead (docs/benchmarks.md)."""
     epochs: int = 200
     patience: int = 10
+    max_dead: float = 0.05
+    """Checkpoints with more dead latents than this lose to any that have fewer, whatever their NDCG."""
     batch_size: int = 0
     """0 picks a size giving at least ~32 steps per epoch (general models have one sample per user only)."""
     seed: int = 0
@@ -90,12 +95,19 @@ def probe_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
     return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
 
 
-def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
-    """Train the SAE on the probe, select it by dev NDCG@10 with substitution, and evaluate it on test."""
-    ctx = load_run(run_dir, device="cpu")
-    if not probe_complete(run_dir):
-        raise ArtifactError(f"{run_dir / PROBE}: no complete probe (run 'recsae pipeline' or the probe step first)")
-    activations, _, _ = load_activations(run_dir / PROBE)
+class FittedSAE(NamedTuple):
+    """An SAE trained and evaluated on a run."""
+
+    sae: TopKSAE
+    """The selected SAE, on the CPU in eval mode."""
+    stats: LatentStats
+    """Its per-latent statistics over all probed activations."""
+    metrics: dict[str, Any]
+    """What sae/metrics.json holds."""
+
+
+def fit_sae(ctx: RunContext, activations: torch.Tensor, options: SAEOptions) -> FittedSAE:
+    """Train an SAE on probed activations, select it by dev NDCG@10 with substitution, and evaluate it on test."""
     n, d = activations.shape
     batch = options.batch_size or int(np.clip(n // 32, 64, 4096))
     sae_config = SAEConfig(d_in=d, n_latents=options.n_latents, k=options.k)
@@ -103,13 +115,16 @@ def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
         lr=options.lr, batch_size=batch, epochs=options.epochs, patience=options.patience, seed=options.seed,
         device=options.device, progress=options.progress,
     )  # fmt: skip
+    dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
 
     def select(sae: TopKSAE) -> float:
-        return evaluate(ctx.model, ctx.split, "valid", transform=substitute(sae.cpu().eval()))["ndcg@10"]
+        """RecSAE's selection (dev NDCG@10 with the reconstruction substituted), among SAEs with few dead latents."""
+        sae = copy.deepcopy(sae).cpu().eval()  # a copy: training may be on another device
+        ndcg = evaluate(ctx.model, ctx.split, "valid", transform=substitute(sae))["ndcg@10"]
+        dead = evaluate_reconstruction(sae, dead_sample)["dead_fraction"]
+        return ndcg if dead <= options.max_dead else ndcg - 1.0
 
-    started = time.perf_counter()
     result = train_sae(activations, sae_config, train_config, select=select)
-    seconds = time.perf_counter() - started
     sae = result.sae.cpu().eval()
     baseline = random_sae(sae.cfg, activations, options.seed).eval()
     stats = latent_statistics(sae, activations)
@@ -127,7 +142,7 @@ def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
         "dead_fraction": stats.dead_fraction,
         "mean_l0": recon["mean_l0"],
         "random_sae_fvu": evaluate_reconstruction(baseline, activations)["fvu"],
-        "seconds": round(seconds, 2),
+        "seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 1),
         "n_samples": n,
         "n_latents": sae.cfg.n_latents,
@@ -142,11 +157,21 @@ def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
         "passthrough_max_abs_score_diff": passthrough["max_abs_score_diff"],
         "history": result.history,
     }
+    return FittedSAE(sae, stats, metrics)
+
+
+def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
+    """Train, select and evaluate the run's SAE, and write RUN_DIR/sae atomically."""
+    ctx = load_run(run_dir, device="cpu")
+    if not probe_complete(run_dir):
+        raise ArtifactError(f"{run_dir / PROBE}: no complete probe (run 'recsae pipeline' or the probe step first)")
+    activations, _, _ = load_activations(run_dir / PROBE)
+    fitted = fit_sae(ctx, activations, options)
     with atomic_folder(run_dir / SAE) as folder:
-        sae.save(folder, hook_name=f"{ctx.model.name}.h")
-        save_stats(stats, folder / "latent_stats.safetensors")
-        write_json(folder / "metrics.json", metrics)
-    return metrics
+        fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
+        save_stats(fitted.stats, folder / "latent_stats.safetensors")
+        write_json(folder / "metrics.json", fitted.metrics)
+    return fitted.metrics
 
 
 def sae_complete(run_dir: Path) -> bool:

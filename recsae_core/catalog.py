@@ -1,0 +1,404 @@
+"""The concept catalog: every live latent named, described and scored, written to RUN_DIR/concepts/catalog.json,
+with a self-contained HTML report beside it.
+
+    build_catalog(run_dir, labeler="tfidf" | "llm", llm=LLMOptions(...), options=CatalogOptions()) -> catalog dict
+
+The metadata (TF-IDF) labeler labels and scores every live latent; with the language-model labeler the metadata
+labels are still computed (terms, fallback names, a baseline on the same latents) and the language model names,
+describes and scores the latents it is given (`CatalogOptions.llm_latents`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsae_core.artifacts import write_json
+from recsae_core.concepts import (
+    LatentSamples,
+    SampleOptions,
+    activation_histogram,
+    activation_levels,
+    column_top_units,
+    encode_sparse,
+    latent_values,
+    prefix_index,
+    recommended_examples,
+    render_sample,
+    select_samples,
+    top1_items,
+    top_units,
+)  # fmt: skip
+from recsae_core.errors import ConfigError
+from recsae_core.labelers import Simulator, TermSpace, llm_label, make_tfidf_label, tfidf_terms
+from recsae_core.llm_client import LLMClient, LLMOptions
+from recsae_core.probe import PROBE, load_activations
+from recsae_core.report import figure_html, page, table_html
+from recsae_core.runs import RunContext, load_run
+from recsae_core.sae import TopKSAE
+from recsae_core.sae_train import STATS_FILE, load_stats, random_sae
+from recsae_core.scoring import Labelled, mean_coherence, score_latent, summarize
+
+CONCEPTS, CATALOG, REPORT, LLM_CACHE = "concepts", "catalog.json", "report.html", "llm_cache"
+LABELERS = ("tfidf", "llm")
+
+
+@dataclass
+class CatalogOptions:
+    """How the catalog is built."""
+
+    samples: SampleOptions = field(default_factory=SampleOptions)
+    """Sample counts per latent (describing, paper protocol, detection, background)."""
+    max_terms: int = 8
+    """Terms per metadata label (the simulator uses exactly these)."""
+    min_share: float = 0.05
+    """A term must be carried by at least this share of describing samples."""
+    recent: int = 10
+    """History items per sample (its most recent ones)."""
+    coherence_top: int = 10
+    """Top samples per unit whose pairwise similarity is the unit's coherence."""
+    high_confidence: float = 0.8
+    """Confidence from which a latent counts as a high-confidence concept (RecSAE: 0.8)."""
+    llm_latents: int = 0
+    """Latents the language model labels (a seeded random subset of the live ones); 0 means all."""
+    llm_shown: int = 5
+    """Top samples shown to the language model (RecSAE: 5)."""
+    progress: bool = True
+    """Progress bars."""
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Suffix -2, -3 ... on repeats (case-insensitively), in order."""
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate.casefold() in seen:
+            n += 1
+            candidate = f"{name}-{n}"
+        seen.add(candidate.casefold())
+        out.append(candidate)
+    return out
+
+
+def _file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Prepared(NamedTuple):
+    """A run's samples, codes and term matrix, ready to be labelled."""
+
+    ctx: RunContext
+    """The run."""
+    h: np.ndarray
+    """(N, d) probed representations."""
+    users: np.ndarray
+    """(N,) user of each sample."""
+    positions: np.ndarray
+    """(N,) position of each sample in its user's training sequence."""
+    n_latents: int
+    """SAE width."""
+    k: int
+    """SAE k."""
+    frequency: np.ndarray
+    """(n_latents,) firing frequency from the SAE statistics."""
+    global_deciles: np.ndarray
+    """(9,) cut points of the activation levels."""
+    codes: sp.csc_matrix
+    """(N, n_latents) SAE codes."""
+    live: np.ndarray
+    """Latents that fire at least once."""
+    chosen: list[LatentSamples]
+    """Samples per live latent."""
+    background: np.ndarray
+    """Background sample ids."""
+    units: dict[str, list[np.ndarray]]
+    """Top samples per unit for coherence: 'sae' (per live latent), 'neurons', 'random_sae'."""
+    needed: np.ndarray
+    """Sorted ids of the samples with a top-1 item and a row in `x`."""
+    top1: np.ndarray
+    """(N,) top-1 item (-1 where not computed)."""
+    space: TermSpace
+    """The metadata vocabulary."""
+    x: sp.csr_matrix
+    """Term matrix of the `needed` samples."""
+
+    def rows(self, ids: np.ndarray) -> sp.csr_matrix:
+        """Term rows of sample ids (all among `needed`)."""
+        return self.x[np.searchsorted(self.needed, ids)]
+
+
+def prepare(run_dir: Path, o: CatalogOptions) -> Prepared:
+    """Encode every sample, pick samples per latent and coherence units, compute top-1 items and terms."""
+    ctx = load_run(run_dir)
+    h, users, positions = load_activations(run_dir / PROBE)
+    sae = TopKSAE.load(run_dir / "sae")
+    stats = load_stats(run_dir / "sae" / STATS_FILE, sae.cfg.n_latents)
+    codes = encode_sparse(sae, h, progress=o.progress)
+    live = np.flatnonzero(np.diff(codes.indptr) > 0)
+    chosen, background = select_samples(codes, users, o.samples, live)
+    # Coherence units: SAE latents, raw neurons, and the random-init SAE (top samples, one per user).
+    hn = h.numpy()
+    random_codes = encode_sparse(random_sae(sae.cfg, h, o.samples.seed).eval(), h, progress=o.progress)
+    units = {
+        "sae": [column_top_units(codes, users, j, o.coherence_top) for j in live],
+        "neurons": [top_units(hn[:, d], users, o.coherence_top) for d in range(hn.shape[1])],
+        "random_sae": [column_top_units(random_codes, users, j, o.coherence_top)
+                       for j in np.flatnonzero(np.diff(random_codes.indptr) > 0)],
+    }  # fmt: skip
+    sets = [a for s in chosen for a in s[1:]]
+    needed = np.unique(np.concatenate([background, *sets, *(u for group in units.values() for u in group)]))
+    top1 = np.full(len(users), -1, dtype=np.int64)
+    top1[needed] = top1_items(ctx.model, h[needed], ctx.split.train, users[needed], positions[needed])
+    space = TermSpace.build(ctx.dataset, ctx.split)
+    x = space.sample_matrix(ctx.split, users[needed], positions[needed], top1[needed], o.recent)
+    return Prepared(
+        ctx, hn, users, positions, sae.cfg.n_latents, sae.cfg.k, stats.frequency.numpy(),
+        stats.global_deciles.numpy(), codes, live, chosen, background, units, needed, top1, space, x,
+    )  # fmt: skip
+
+
+def background_mean(p: Prepared) -> np.ndarray:
+    """Mean term vector of the background samples."""
+    return np.asarray(p.rows(p.background).mean(axis=0)).ravel()
+
+
+def tfidf_labels(p: Prepared, o: CatalogOptions) -> tuple[dict[int, Labelled], dict[int, list[dict[str, Any]]]]:
+    """The metadata label of every chosen latent, scored on its held-out samples; and each latent's terms."""
+    bg_mean = background_mean(p)
+    labels: dict[int, Labelled] = {}
+    terms_of: dict[int, list[dict[str, Any]]] = {}
+    keys = p.space.terms
+    for s in p.chosen:
+        terms, columns = tfidf_terms(p.rows(s.describe), bg_mean, len(p.background), keys, o.max_terms,
+                                     o.min_share)  # fmt: skip
+        label = make_tfidf_label(terms)
+        sim = Simulator(columns, [t.lift for t in terms], p.x.shape[1])
+        threshold = sim.calibrate(p.rows(s.describe), p.rows(s.calibrate_neg))
+        held = (s.paper_pos, s.paper_neg, s.detect_pos, s.detect_neg)
+        scores = score_latent(*(sim.score(p.rows(a)) for a in held), threshold)
+        labels[s.latent] = Labelled(label.name, label.description, scores, threshold)
+        terms_of[s.latent] = [{"term": t.term, "share": round(t.share, 4), "background": round(t.background, 4),
+                               "lift": round(t.lift, 3)} for t in terms]  # fmt: skip
+    return labels, terms_of
+
+
+def build_catalog(
+    run_dir: Path, labeler: str = "tfidf", llm: LLMOptions | None = None, options: CatalogOptions | None = None
+) -> dict[str, Any]:
+    """Label and score every live latent of the run's SAE; write concepts/catalog.json and concepts/report.html."""
+    if labeler not in LABELERS:
+        raise ConfigError(f"unknown labeler '{labeler}': expected one of {', '.join(LABELERS)}")
+    o = options or CatalogOptions()
+    started = time.perf_counter()
+    out_dir = run_dir / CONCEPTS
+    client = None
+    if labeler == "llm":  # fail on a bad endpoint before any heavy work
+        client = LLMClient(replace(llm or LLMOptions(), cache_dir=out_dir / LLM_CACHE))
+        client.check()
+    p = prepare(run_dir, o)
+    ctx, users, positions, codes, chosen, top1 = p.ctx, p.users, p.positions, p.codes, p.chosen, p.top1
+    tfidf, terms_of = tfidf_labels(p, o)
+
+    llm_labels: dict[int, Labelled] = {}
+    usage: dict[str, Any] = {}
+    if client is not None:
+        with client:
+            llm_started = time.perf_counter()
+            subset = chosen
+            if o.llm_latents and o.llm_latents < len(chosen):
+                pick = np.random.default_rng(o.samples.seed).choice(len(chosen), o.llm_latents, replace=False)
+                subset = [chosen[i] for i in np.sort(pick)]
+            deciles = p.global_deciles
+            levels = {(s.latent, int(i)): int(v) for s in subset for i, v in zip(
+                s.describe[: o.llm_shown], activation_levels(latent_values(codes, s.latent, s.describe[: o.llm_shown]),
+                                                             deciles), strict=True)}  # fmt: skip
+
+            def render(sample: int, level: int | None) -> str:
+                hist = prefix_index(ctx.split.train, users[[sample]], positions[[sample]], o.recent).values
+                return render_sample(ctx.dataset, hist, int(top1[sample]), level, o.recent)
+
+            llm_labels = llm_label(client, subset, render, levels, o.llm_shown, o.progress)
+            usage = {"model": client.model, "url": client.options.url, **client.usage.as_dict(),
+                     "wall_seconds": round(time.perf_counter() - llm_started, 1)}  # fmt: skip
+
+    final = {j: llm_labels.get(j, tfidf[j]) for j in tfidf}
+    bg_mean = background_mean(p)
+    names = unique_names([final[s.latent].name for s in chosen])
+    titles = ctx.dataset.item_meta.titles
+    concepts = []
+    for s, name in zip(chosen, names, strict=True):
+        lab = final[s.latent]
+        concepts.append({
+            "latent": s.latent, "name": name, "description": lab.description, "terms": terms_of[s.latent],
+            "confidence": lab.scores.confidence, "auc": None if lab.scores.auc is None else round(lab.scores.auc, 4),
+            "frequency": round(float(p.frequency[s.latent]), 6),
+            "labeler": "llm" if s.latent in llm_labels else "tfidf",
+            "examples": {"recommended": recommended_examples(top1[s.describe], titles)},
+            "skew": _skew(p.space, p.rows(s.describe), bg_mean, top1[s.describe], top1[p.background]),
+            "held_out": {"paper": list(lab.scores.n_paper), "detection": list(lab.scores.n_detect)},
+        })  # fmt: skip
+    high = [u for u, c in zip(p.units["sae"], concepts, strict=True) if (c["confidence"] or 0) >= o.high_confidence]
+    coherence: dict[str, Any] = {"sae": mean_coherence(p.h, top1, high)}
+    coherence.update({k if k != "sae" else "sae_all": mean_coherence(p.h, top1, v) for k, v in p.units.items()})
+    coherence["high_confidence_latents"] = len(high)
+    by_labeler = {"tfidf": _metrics(list(tfidf.values()), len(p.live))}
+    if llm_labels:
+        by_labeler["llm"] = _metrics(list(llm_labels.values()), len(llm_labels))
+        by_labeler["tfidf_same_latents"] = _metrics([tfidf[j] for j in llm_labels], len(llm_labels))
+    main = by_labeler["llm" if llm_labels else "tfidf"]
+    summary = {
+        "live_latents": len(p.live), "n_latents": p.n_latents, "labelled": main["scored"],
+        "mean_confidence": main["mean_confidence"], "share_confidence_ge_0.8": main["share_confidence_ge_0.8"],
+        "share_confidence_ge_0.9": main["share_confidence_ge_0.9"], "mean_auc": main["mean_auc"],
+        "coherence": coherence, "by_labeler": by_labeler, "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    if usage:
+        summary["llm"] = usage
+    body = {"labeler": labeler, "concepts": concepts}
+    digest = hashlib.sha256((json.dumps(body, sort_keys=True) + _file_sha(run_dir / "sae" / "sae_weights.safetensors"))
+                            .encode()).hexdigest()[:16]  # fmt: skip
+    catalog = {
+        "version": digest, "labeler": labeler,
+        "run": {"dataset": ctx.config.get("dataset"), "model": ctx.model.name, "n_samples": len(users),
+                "sae": {"n_latents": p.n_latents, "k": p.k}},
+        "protocol": {"paper": f"{o.samples.n_paper} activating + {o.samples.n_paper} inactive held-out samples, "
+                              "confidence = accuracy", "detection": f"ROC-AUC over <= {o.samples.n_detect} activating "
+                              f"+ {o.samples.n_detect} inactive held-out samples", "describing": o.samples.n_describe},
+        "summary": summary, "concepts": concepts,
+    }  # fmt: skip
+    write_json(out_dir / CATALOG, catalog)
+    histograms = {s.latent: activation_histogram(codes, s.latent) for s in chosen}
+    write_report(catalog, histograms, out_dir / REPORT)
+    return catalog
+
+
+def _metrics(labels: list[Labelled], n_units: int) -> dict[str, Any]:
+    conf = summarize([lab.scores.confidence for lab in labels] + [None] * (n_units - len(labels)))
+    auc = summarize([lab.scores.auc for lab in labels])
+    return {"scored": conf["scored"], "mean_confidence": round(conf["mean"], 4),
+            "share_confidence_ge_0.8": round(conf["share_ge_0.8"], 4),
+            "share_confidence_ge_0.9": round(conf["share_ge_0.9"], 4), "mean_auc": round(auc["mean"], 4)}  # fmt: skip
+
+
+def _skew(space: TermSpace, x: sp.csr_matrix, bg_mean: np.ndarray, top1: np.ndarray, bg_top1: np.ndarray) -> dict:
+    """Popularity percentile of the recommended items and the most over-represented user group per attribute."""
+    pct = space.popularity_percentile
+    out: dict[str, Any] = {"popularity_percentile": {"latent": round(float(pct[top1].mean()), 3),
+                                                     "background": round(float(pct[bg_top1].mean()), 3)}}  # fmt: skip
+    share = np.asarray(x.mean(axis=0)).ravel()
+    offset = len(space.terms) - len(space.user_terms)
+    for kind in ("gender", "age", "occupation"):
+        cols = [offset + i for i, t in enumerate(space.user_terms) if t.startswith(kind + ":")]
+        if not cols:
+            continue
+        lift = share[cols] / np.maximum(bg_mean[cols], 1e-9)
+        best = cols[int(np.argmax(np.where(share[cols] >= 0.1, lift, 0)))]
+        out[kind] = {"value": space.terms[best].split(":", 1)[1], "share": round(float(share[best]), 3),
+                     "background": round(float(bg_mean[best]), 3)}  # fmt: skip
+    return out
+
+
+SCRIPT = """
+const box = document.getElementById('search'), rows = [...document.querySelectorAll('#concepts tbody tr')];
+function filter() {
+  const words = box.value.toLowerCase().split(/\\s+/).filter(Boolean);
+  let shown = 0;
+  for (const row of rows) {
+    const text = row.textContent.toLowerCase();
+    row.hidden = !words.every(w => text.includes(w));
+    shown += row.hidden ? 0 : 1;
+  }
+  document.getElementById('shown').textContent = shown + ' of ' + rows.length + ' concepts';
+}
+box.addEventListener('input', filter);
+const q = new URLSearchParams(location.hash.slice(1)).get('q');
+if (q) box.value = q;
+filter();
+"""
+EXTRA_STYLE = (
+    "<style>#search{font-size:1rem;padding:.3rem;width:24rem} td.text{max-width:30rem} "
+    "svg.hist rect{fill:#4a7bb7} details summary{cursor:pointer}</style>"
+)
+
+
+def _sparkline(counts: list[int], width: int = 100, height: int = 24) -> str:
+    """An inline SVG histogram (no images: a thousand concepts stay light)."""
+    top = max(max(counts, default=0), 1)
+    bar = width / max(len(counts), 1)
+    rects = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - c / top * height:.1f}" width="{bar * 0.9:.1f}" '
+        f'height="{c / top * height:.1f}"/>'
+        for i, c in enumerate(counts)
+    )
+    label = 'role="img" aria-label="activation histogram"'
+    return f'<svg class="hist" width="{width}" height="{height}" {label}>{rects}</svg>'
+
+
+def _score_figure(catalog: dict[str, Any]) -> str:
+    import matplotlib.pyplot as plt
+
+    concepts = catalog["concepts"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+    conf = [c["confidence"] for c in concepts if c["confidence"] is not None]
+    auc = [c["auc"] for c in concepts if c["auc"] is not None]
+    axes[0].hist(conf, bins=np.linspace(0, 1, 12), color="#4a7bb7")
+    axes[0].set(title="Confidence (paper protocol)", xlabel="accuracy", ylabel="concepts")
+    axes[1].hist(auc, bins=np.linspace(0, 1, 21), color="#4a7bb7")
+    axes[1].set(title="Detection ROC-AUC", xlabel="AUC")
+    coh = catalog["summary"]["coherence"]
+    keys = [k for k in ("sae", "sae_all", "neurons", "random_sae") if coh.get(k) is not None]
+    axes[2].bar(keys, [coh[k] for k in keys], color="#4a7bb7")
+    axes[2].set(title="Coherence (mean cosine)")
+    return figure_html(fig, "score distributions")
+
+
+def write_report(catalog: dict[str, Any], histograms: dict[int, list[int]], path: Path) -> None:
+    """Self-contained HTML: summary, score distributions, and a searchable table of every concept."""
+    s = catalog["summary"]
+    summary_rows = [
+        (k, v if isinstance(v, int | float) else str(v))
+        for k, v in s.items() if k not in ("coherence", "by_labeler", "llm")
+    ] + [(f"coherence {k}", v if v is not None else "n/a") for k, v in s["coherence"].items()]  # fmt: skip
+    for lab, metrics in s.get("by_labeler", {}).items():
+        summary_rows += [(f"{lab}: {k}", v) for k, v in metrics.items()]
+    summary_rows += [(f"llm {k}", v) for k, v in s.get("llm", {}).items()]
+    body = []
+    for c in catalog["concepts"]:
+        terms = ", ".join(f"{t['term']} ×{t['lift']:.1f}" for t in c["terms"]) or "—"
+        items = "".join(f"<li>{html.escape(t)}</li>" for t in c["examples"]["recommended"])
+        conf = "—" if c["confidence"] is None else f"{c['confidence']:.2f}"
+        auc = "—" if c["auc"] is None else f"{c['auc']:.3f}"
+        body.append(
+            f'<tr class="concept" data-latent="{c["latent"]}"><td>{c["latent"]}</td>'
+            f'<td class="text"><b>{html.escape(c["name"])}</b></td>'
+            f'<td class="text">{html.escape(c["description"])}<details><summary>terms and top items</summary>'
+            f"<p>{html.escape(terms)}</p><ol>{items}</ol></details></td>"
+            f"<td>{conf}</td><td>{auc}</td><td>{c['frequency']:.4f}</td><td class='text'>{c['labeler']}</td>"
+            f"<td>{_sparkline(histograms.get(c['latent'], []))}</td></tr>"
+        )
+    head = "".join(f"<th>{h}</th>" for h in ("latent", "name", "description", "confidence", "AUC", "frequency",
+                                             "labeler", "activations"))  # fmt: skip
+    sections = [
+        EXTRA_STYLE,
+        f"<p class='note'>Labeler: {html.escape(catalog['labeler'])}; version {catalog['version']}; "
+        f"{html.escape(catalog['protocol']['paper'])}; {html.escape(catalog['protocol']['detection'])}.</p>",
+        "<h2>Summary</h2>" + table_html(["metric", "value"], summary_rows, "summary"),
+        "<h2>Score distributions</h2>" + _score_figure(catalog),
+        "<h2>Concepts</h2><input id='search' type='search' placeholder='search names, descriptions, terms, items'>"
+        " <span id='shown'></span>",
+        f'<table id="concepts"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>',
+    ]
+    text = page(f"Concept catalog — {catalog['run'].get('dataset')} {catalog['run'].get('model')}", sections, SCRIPT)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,417 @@
+"""Labelers: a latent's describing samples -> a name, a one-sentence description and the terms behind it.
+
+- Metadata (TF-IDF) labeler, the default: every sample becomes a sparse vector of metadata terms (genres, release
+  decades and popularity bands of its recent items and of the model's top-1 item, and the user's gender / age band /
+  occupation); a latent's terms are those over-represented in its describing samples against a background sample,
+  weighted tf x log(lift) (TF-IDF with the background as the corpus). Its simulator scores any sample by the summed
+  log-lift of the label's terms present in it.
+- Language-model labeler: RecSAE's explain prompt (few-shot) and a yes/no detection prompt, sent through
+  `recsae_core.llm_client`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsae_core.concepts import LatentSamples, prefix_index
+from recsae_core.data import Dataset
+from recsae_core.llm_client import Completion, LLMClient
+from recsae_core.scoring import Labelled, best_threshold, score_latent
+from recsae_core.splits import Split
+
+POP_BANDS = ("popular", "mid-popular", "niche")
+AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
+ML1M_OCCUPATIONS = (
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
+    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
+    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
+    "unemployed", "writer",
+)  # fmt: skip
+GROUP_PREFIX = {"history": "", "next": "next ", "user": ""}
+
+
+def age_band(age: str) -> str:
+    """ML-1M age codes and ML-100K raw ages -> the ML-1M bands ('25-34')."""
+    try:
+        value = float(age)
+    except ValueError:
+        return age.strip()
+    return next((label for bound, label in AGE_BANDS if value < bound), "56+")
+
+
+def occupation_name(code: str) -> str:
+    """ML-1M numeric occupation codes -> names; names pass through."""
+    try:
+        index = int(float(code))
+    except ValueError:
+        return code.strip()
+    return ML1M_OCCUPATIONS[index] if 0 <= index < len(ML1M_OCCUPATIONS) else code
+
+
+def popularity_bands(popularity: np.ndarray) -> np.ndarray:
+    """0 popular / 1 mid-popular / 2 niche: items holding the first, second and last third of interactions."""
+    order = np.lexsort((np.arange(len(popularity)), -popularity))
+    share = np.cumsum(popularity[order]) / max(popularity.sum(), 1)
+    bands = np.empty(len(popularity), dtype=np.int64)
+    bands[order] = np.minimum((share * 3 - 1e-9).astype(np.int64).clip(0), 2)
+    return bands
+
+
+def _onehot(values: list[str], prefix: str) -> tuple[sp.csr_matrix, list[str]]:
+    names = sorted({v for v in values if v})
+    index = {v: i for i, v in enumerate(names)}
+    rows = [r for r, v in enumerate(values) if v]
+    cols = [index[values[r]] for r in rows]
+    matrix = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(values), len(names)))
+    return matrix, [f"{prefix}:{v}" for v in names]
+
+
+def _rows(matrix: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
+    return matrix[index] if matrix.shape[1] else sp.csr_matrix((len(index), 0))
+
+
+@dataclass
+class TermSpace:
+    """The metadata vocabulary of a run and the per-item / per-user term matrices.
+
+    A sample's terms, by group (key prefix): recent items (share of the last `recent` items with each item term:
+    'genre:Horror', 'decade:1980s', 'pop:niche'), the most recent item ('last genre:Horror', 'last item:Alien
+    (1979)'), the model's top-1 item ('next genre:Horror', 'next item:...'), the history length ('history:5-19
+    items') and the user ('gender:female', 'age:25-34', 'occupation:writer')."""
+
+    item_terms: list[str]
+    """Item term keys ('genre:Horror', 'decade:1980s', 'pop:niche')."""
+    item_names: list[str]
+    """Item identity keys ('item:Alien (1979)'), in item order."""
+    user_terms: list[str]
+    """User term keys ('gender:female', 'age:25-34', 'occupation:writer')."""
+    items: sp.csr_matrix
+    """(n_items, len(item_terms)) 0/1."""
+    users: sp.csr_matrix
+    """(n_users, len(user_terms)) 0/1."""
+    popularity_percentile: np.ndarray
+    """(n_items,) share of items less popular than each item (1 = most popular)."""
+
+    @property
+    def terms(self) -> list[str]:
+        """Sample term keys, in the column order of `sample_matrix`."""
+        it = self.item_terms
+        return [*it, *("last " + t for t in it), *("next " + t for t in it), *HISTORY_BANDS_KEYS, *self.user_terms,
+                *("last " + t for t in self.item_names), *("next " + t for t in self.item_names)]  # fmt: skip
+
+    @classmethod
+    def build(cls, data: Dataset, split: Split) -> TermSpace:
+        popularity = split.item_popularity()
+        meta = data.item_meta
+        genre_names = sorted({g for gs in meta.genres for g in gs})
+        gindex = {g: i for i, g in enumerate(genre_names)}
+        rows = [i for i, gs in enumerate(meta.genres) for _ in gs]
+        cols = [gindex[g] for gs in meta.genres for g in gs]
+        blocks = [sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(data.n_items, len(genre_names)))]
+        names = [f"genre:{g}" for g in genre_names]
+        decades = [f"{y // 10 * 10}s" if y > 0 else "" for y in meta.years]
+        for values, prefix in ((decades, "decade"), ([POP_BANDS[b] for b in popularity_bands(popularity)], "pop")):
+            matrix, keys = _onehot(values, prefix)
+            blocks.append(matrix)
+            names += keys
+        user_blocks, user_names = [], []
+        if data.user_meta is not None:
+            um = data.user_meta
+            gender = [{"F": "female", "M": "male"}.get(g.upper(), g.lower()) for g in um.gender]
+            for values, prefix in (
+                (gender, "gender"),
+                ([age_band(a) if a else "" for a in um.age], "age"),
+                ([occupation_name(o) if o else "" for o in um.occupation], "occupation"),
+            ):
+                matrix, keys = _onehot(values, prefix)
+                user_blocks.append(matrix)
+                user_names += keys
+        users = sp.hstack(user_blocks).tocsr() if user_blocks else sp.csr_matrix((data.n_users, 0))
+        ranks = np.argsort(np.argsort(popularity, kind="stable"), kind="stable")
+        titles = [
+            f"{t} ({y})" if y > 0 and f"({y})" not in t else t for t, y in zip(meta.titles, meta.years, strict=True)
+        ]
+        return cls(
+            item_terms=names,
+            item_names=[f"item:{t}" for t in titles],
+            user_terms=user_names,
+            items=sp.hstack(blocks).tocsr(),
+            users=users,
+            popularity_percentile=ranks / max(len(popularity) - 1, 1),
+        )
+
+    def sample_matrix(
+        self, split: Split, users: np.ndarray, positions: np.ndarray, top1: np.ndarray, recent: int = 10
+    ) -> sp.csr_matrix:
+        """(n, len(terms)) term values of samples, built with sparse products (no loop over samples)."""
+        n, n_items = len(users), self.items.shape[0]
+        hist = prefix_index(split.train, users, positions, recent)
+        rows = np.repeat(np.arange(n), hist.lengths)
+        weights = np.repeat(1.0 / np.maximum(hist.lengths, 1), hist.lengths)
+        history = sp.csr_matrix((weights, (rows, hist.values)), shape=(n, n_items))
+        last = split.train.values[split.train.indptr[users] + positions]
+        band = np.searchsorted(HISTORY_BANDS, positions + 1, side="right")
+        ones = np.ones(n)
+        blocks = [
+            history @ self.items, self.items[last], self.items[top1],
+            sp.csr_matrix((ones, (np.arange(n), band)), shape=(n, len(HISTORY_BANDS_KEYS))), _rows(self.users, users),
+            sp.csr_matrix((ones, (np.arange(n), last)), shape=(n, n_items)),
+            sp.csr_matrix((ones, (np.arange(n), top1)), shape=(n, n_items)),
+        ]  # fmt: skip
+        return sp.hstack(blocks).tocsr().astype(np.float32)
+
+
+HISTORY_BANDS = (5, 20, 50)
+HISTORY_BANDS_KEYS = ("history:under 5 items", "history:5-19 items", "history:20-49 items", "history:50+ items")
+
+
+def display(term: str) -> str:
+    """'next genre:Horror' -> 'Horror', 'age:25-34' -> 'age 25-34', 'last item:Alien (1979)' -> 'Alien (1979)'."""
+    kind, _, value = term.removeprefix("next ").removeprefix("last ").partition(":")
+    return f"age {value}" if kind == "age" else value
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower().replace("'", "")).strip("-")
+
+
+class Term(NamedTuple):
+    """One label term with its statistics over the describing samples."""
+
+    term: str
+    """Term key ('next genre:Horror')."""
+    share: float
+    """Mean value over the describing samples (share of samples / of history items having it)."""
+    background: float
+    """Mean value over the background samples."""
+    lift: float
+    """share / background, smoothed towards 1 for few samples."""
+    weight: float
+    """tf x log(lift): how much the term defines the latent."""
+
+
+class TfidfLabel(NamedTuple):
+    """A metadata label."""
+
+    name: str
+    """Short readable name ('horror-1980s'); not yet made unique."""
+    description: str
+    """One sentence."""
+    terms: list[Term]
+    """The label's terms, strongest first; the simulator uses exactly these."""
+
+
+def tfidf_terms(
+    describe: sp.csr_matrix, background_mean: np.ndarray, n_background: int, keys: list[str], max_terms: int = 6,
+    min_share: float = 0.1, smoothing: float = 2.0,
+) -> tuple[list[Term], list[int]]:  # fmt: skip
+    """Terms over-represented in the describing samples against the background, strongest (tf x log lift) first,
+    with their column indices."""
+    n = describe.shape[0]
+    if n == 0:
+        return [], []
+    tf = np.asarray(describe.mean(axis=0)).ravel()
+    bg = np.maximum(background_mean, 1.0 / max(n_background, 1))
+    lift = (tf * n + smoothing * bg) / (n + smoothing) / bg
+    weight = tf * np.log(np.maximum(lift, 1e-12))
+    ok = (lift > 1.0) & (tf >= min_share) & (weight > 0)
+    order = [int(i) for i in np.argsort(-weight, kind="stable") if ok[i]][:max_terms]
+    terms = [Term(keys[i], float(tf[i]), float(background_mean[i]), float(lift[i]), float(weight[i])) for i in order]
+    return terms, order
+
+
+def _word(term: str) -> str:
+    """A term's contribution to a name: its display slug, item titles cut to two words without the year."""
+    text = display(term)
+    if term.split(":")[0].endswith("item"):
+        text = " ".join(re.sub(r"\(\d{4}\)|,.*$", "", text).split()[:2])
+    return slug(text)
+
+
+def make_tfidf_label(terms: list[Term]) -> TfidfLabel:
+    """Name from the two strongest distinct category words (genre, decade, popularity, history length, user group),
+    completed with an item title when there are fewer; and a one-sentence description."""
+    words: list[str] = []
+    by_kind = sorted(terms, key=lambda t: t.term.split(":")[0].endswith("item"))  # stable: categories first
+    for t in by_kind:
+        word = _word(t.term)
+        if word and word not in words:
+            words.append(word)
+    name = "-".join(words[:2]) or "unlabelled"
+    return TfidfLabel(name=name, description=describe_terms([t.term for t in terms]), terms=terms)
+
+
+def _join(values: list[str], word: str = "and") -> str:
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + f" {word} " + values[-1]
+
+
+def _phrase(keys: list[str], prefix: str) -> str:
+    """'niche Horror titles from the 1980s (e.g. Alien (1979))' for one group of terms; '' if none."""
+
+    def pick(kind: str) -> list[str]:
+        return [display(k) for k in keys if k.startswith(f"{prefix}{kind}:")]
+
+    genres, decades, pops, items = pick("genre"), pick("decade"), pick("pop"), pick("item")
+    kinds = [_join(pops, "or") if pops else "", _join(genres, "or") if genres else ""]
+    what = " ".join(filter(None, kinds))
+    era = f" from the {_join(decades, 'or')}" if decades else ""
+    if not what and not era:
+        return _join(items[:2], "or") if items else ""
+    example = f" (e.g. {_join(items[:2])})" if items else ""
+    return f"{what or 'titles'}{' titles' if what else ''}{era}{example}"
+
+
+def describe_terms(keys: list[str]) -> str:
+    """One readable sentence from term keys, e.g. 'After niche Horror titles from the 1980s (e.g. Alien (1979)), the
+    model recommends Horror titles next; users skew female.'"""
+    last, recent, after = _phrase(keys, "last "), _phrase(keys, ""), _phrase(keys, "next ")
+    before = " and ".join(filter(None, [f"after {last}" if last else "", f"with recent items mostly {recent}"
+                                                                                if recent else ""]))  # fmt: skip
+    if after:
+        sentence = f"{before}, the model recommends {after} next" if before else f"the model recommends {after} next"
+    else:
+        sentence = f"fires {before}" if before else ""
+    extras = [f"histories of {_join([display(k) for k in keys if k.startswith('history:')], 'or')}"] if any(
+        k.startswith("history:") for k in keys) else []  # fmt: skip
+    people = [display(k) for k in keys if k.split(":")[0] in ("gender", "age", "occupation")]
+    if people:
+        extras.append(f"users skew {_join(people)}")
+    sentence = "; ".join(filter(None, [sentence, *extras]))
+    if not sentence:
+        return "No metadata term stands out against the background."
+    return sentence[0].upper() + sentence[1:] + "."
+
+
+class Simulator:
+    """Scores samples by the summed log-lift of the label's terms they carry; `predict` thresholds the score at
+    the value that best separates describing samples from background inactive ones (balanced accuracy)."""
+
+    def __init__(self, columns: list[int], lifts: list[float], n_terms: int) -> None:
+        self.weights = np.zeros(n_terms, dtype=np.float64)
+        self.weights[np.asarray(columns, dtype=np.int64)] = np.log(np.maximum(np.asarray(lifts, dtype=float), 1e-12))
+        self.threshold = np.inf
+
+    def score(self, x: sp.csr_matrix) -> np.ndarray:
+        return np.asarray(x @ self.weights).ravel()
+
+    def calibrate(self, positives: sp.csr_matrix, negatives: sp.csr_matrix) -> float:
+        self.threshold = best_threshold(self.score(positives), self.score(negatives))
+        return self.threshold
+
+    def predict(self, x: sp.csr_matrix) -> np.ndarray:
+        return self.score(x) >= self.threshold
+
+
+# ---------------------------------------------------------------------- language-model labeler
+
+EXPLAIN_SYSTEM = (
+    "We are studying neurons of a movie recommendation model. Each neuron looks for some particular kind of user "
+    "or viewing history. Look at the samples where the neuron fires (each lists the user's recent movies, the movie "
+    "the model recommends next, and how strongly the neuron fires, 1-10) and say what the neuron is looking for. "
+    "Answer with exactly two lines:\n"
+    "Name: two or three lowercase words joined by hyphens\n"
+    "Explanation: the main thing this neuron does is find <one short phrase>"
+)
+FEW_SHOT = (
+    (
+        "Sample 1:\nRecent items: Alien (Action|Horror|Sci-Fi, 1979); The Shining (Horror, 1980); Halloween "
+        "(Horror, 1978)\nRecommended next: The Thing (Action|Horror|Sci-Fi, 1982)\nActivation level: 10\n\n"
+        "Sample 2:\nRecent items: Psycho (Horror|Thriller, 1960); Carrie (Horror, 1976); Jaws (Action|Horror, 1975)"
+        "\nRecommended next: The Omen (Horror, 1976)\nActivation level: 8",
+        "Name: classic-horror\nExplanation: the main thing this neuron does is find users watching horror films "
+        "from the 1970s and 1980s and recommend more horror.",
+    ),
+    (
+        "Sample 1:\nRecent items: Toy Story (Animation|Children's|Comedy, 1995); Aladdin (Animation|Children's|"
+        "Musical, 1992); Babe (Children's|Comedy|Drama, 1995)\nRecommended next: The Lion King (Animation|"
+        "Children's|Musical, 1994)\nActivation level: 9\n\nSample 2:\nRecent items: Pinocchio (Animation|"
+        "Children's, 1940); Dumbo (Animation|Children's|Musical, 1941)\nRecommended next: Cinderella (Animation|"
+        "Children's|Musical, 1950)\nActivation level: 7",
+        "Name: family-animation\nExplanation: the main thing this neuron does is find families watching animated "
+        "children's films such as Disney classics.",
+    ),
+)
+DETECT_SYSTEM = (
+    "You check whether a sample from a movie recommender matches the description of a neuron. The sample lists a "
+    "user's recent movies and the movie the model recommends next. Answer with one word: Yes or No."
+)
+
+
+def explain_messages(samples: list[str]) -> list[dict[str, str]]:
+    """RecSAE's explain prompt, few-shot: samples (with levels) -> 'Name: ... / Explanation: ...'."""
+    messages = [{"role": "system", "content": EXPLAIN_SYSTEM}]
+    for shots, answer in FEW_SHOT:
+        messages += [{"role": "user", "content": shots}, {"role": "assistant", "content": answer}]
+    body = "\n\n".join(f"Sample {i}:\n{text}" for i, text in enumerate(samples, start=1))
+    return [*messages, {"role": "user", "content": body}]
+
+
+def detect_messages(explanation: str, sample: str) -> list[dict[str, str]]:
+    """The yes/no detection question; the explanation comes first so a server can reuse the prompt prefix."""
+    question = (
+        f"Neuron description: {explanation}\n\nSample:\n{sample}\n\n"
+        "Does this sample match the description? Answer Yes or No."
+    )
+    return [{"role": "system", "content": DETECT_SYSTEM}, {"role": "user", "content": question}]
+
+
+def parse_explanation(text: str) -> tuple[str, str]:
+    """(name slug or '', explanation sentence) from a model answer; tolerant of missing labels and extra lines."""
+    name, explanation = "", ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "name" and not name:
+            name = slug(value)[:40].strip("-")
+        elif key.strip().lower() == "explanation" and not explanation:
+            explanation = value.strip()
+    if not explanation:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lower().startswith("name:")]
+        explanation = lines[0] if lines else ""
+    explanation = explanation.strip().strip('"')
+    if explanation and not explanation.endswith("."):
+        explanation += "."
+    return name, explanation[:300]
+
+
+def llm_label(
+    client: LLMClient, latents: list[LatentSamples], render: Callable[[int, int | None], str],
+    levels: dict[tuple[int, int], int], shown: int = 5, progress: bool = True,
+) -> dict[int, Labelled]:  # fmt: skip
+    """Explain each latent from its top `shown` describing samples (with levels, few-shot), then score the
+    explanation by P(Yes) on held-out samples. The paper-protocol threshold is calibrated on the next `shown`
+    describing samples (never shown) against as many background inactive samples; nothing held out is used.
+    `render(sample, level or None)` shows a sample; `levels[(latent, sample)]` gives shown samples' levels."""
+
+    def explain(s: LatentSamples) -> Completion:
+        texts = [render(int(i), levels.get((s.latent, int(i)))) for i in s.describe[:shown]]
+        return client.chat(explain_messages(texts), max_tokens=80)
+
+    parsed = [parse_explanation(a.text) for a in client.map(explain, latents, "explain", progress)]
+    kinds = ("calib_pos", "calib_neg", "paper_pos", "paper_neg", "detect_pos", "detect_neg")
+    jobs: list[tuple[int, str, int]] = []
+    for index, s in enumerate(latents):
+        groups = (s.describe[shown : 2 * shown], s.calibrate_neg[:shown], s.paper_pos, s.paper_neg, s.detect_pos,
+                  s.detect_neg)  # fmt: skip
+        jobs += [(index, kind, int(i)) for kind, ids in zip(kinds, groups, strict=True) for i in ids]
+
+    def detect(job: tuple[int, str, int]) -> float:
+        return client.yes_probability(detect_messages(parsed[job[0]][1], render(job[2], None))).p_yes
+
+    probs = client.map(detect, jobs, "detect", progress)
+    by: dict[tuple[int, str], list[float]] = {}
+    for (index, kind, _), p in zip(jobs, probs, strict=True):
+        by.setdefault((index, kind), []).append(p)
+    out = {}
+    for index, s in enumerate(latents):
+        g = {k: np.asarray(by.get((index, k), []), dtype=float) for k in kinds}
+        threshold = best_threshold(g["calib_pos"], g["calib_neg"]) if len(g["calib_pos"]) else 0.5
+        scores = score_latent(g["paper_pos"], g["paper_neg"], g["detect_pos"], g["detect_neg"], threshold)
+        name, explanation = parsed[index]
+        out[s.latent] = Labelled(name or "unnamed", explanation or "No explanation given.", scores, threshold)
+    return out
