@@ -71,6 +71,8 @@ class CatalogOptions:
     """Latents the language model labels (a seeded random subset of the live ones); 0 means all."""
     llm_shown: int = 5
     """Top samples shown to the language model (RecSAE: 5)."""
+    llm_recent: int = 5
+    """History items per sample in language-model prompts (prompt length drives local-model cost)."""
     progress: bool = True
     """Progress bars."""
 
@@ -205,51 +207,32 @@ def build_catalog(
         client = LLMClient(replace(llm or LLMOptions(), cache_dir=out_dir / LLM_CACHE))
         client.check()
     p = prepare(run_dir, o)
-    ctx, users, positions, codes, chosen, top1 = p.ctx, p.users, p.positions, p.codes, p.chosen, p.top1
     tfidf, terms_of = tfidf_labels(p, o)
-
     llm_labels: dict[int, Labelled] = {}
     usage: dict[str, Any] = {}
     if client is not None:
         with client:
             llm_started = time.perf_counter()
-            subset = chosen
-            if o.llm_latents and o.llm_latents < len(chosen):
-                pick = np.random.default_rng(o.samples.seed).choice(len(chosen), o.llm_latents, replace=False)
-                subset = [chosen[i] for i in np.sort(pick)]
-            deciles = p.global_deciles
-            levels = {(s.latent, int(i)): int(v) for s in subset for i, v in zip(
-                s.describe[: o.llm_shown], activation_levels(latent_values(codes, s.latent, s.describe[: o.llm_shown]),
-                                                             deciles), strict=True)}  # fmt: skip
-
-            def render(sample: int, level: int | None) -> str:
-                hist = prefix_index(ctx.split.train, users[[sample]], positions[[sample]], o.recent).values
-                return render_sample(ctx.dataset, hist, int(top1[sample]), level, o.recent)
-
-            llm_labels = llm_label(client, subset, render, levels, o.llm_shown, o.progress)
+            llm_labels = llm_labels_for(p, o, client)
             usage = {"model": client.model, "url": client.options.url, **client.usage.as_dict(),
                      "wall_seconds": round(time.perf_counter() - llm_started, 1)}  # fmt: skip
 
     final = {j: llm_labels.get(j, tfidf[j]) for j in tfidf}
     bg_mean = background_mean(p)
-    names = unique_names([final[s.latent].name for s in chosen])
-    titles = ctx.dataset.item_meta.titles
+    names = unique_names([final[s.latent].name for s in p.chosen])
+    titles = p.ctx.dataset.item_meta.titles
     concepts = []
-    for s, name in zip(chosen, names, strict=True):
+    for s, name in zip(p.chosen, names, strict=True):
         lab = final[s.latent]
         concepts.append({
             "latent": s.latent, "name": name, "description": lab.description, "terms": terms_of[s.latent],
             "confidence": lab.scores.confidence, "auc": None if lab.scores.auc is None else round(lab.scores.auc, 4),
             "frequency": round(float(p.frequency[s.latent]), 6),
             "labeler": "llm" if s.latent in llm_labels else "tfidf",
-            "examples": {"recommended": recommended_examples(top1[s.describe], titles)},
-            "skew": _skew(p.space, p.rows(s.describe), bg_mean, top1[s.describe], top1[p.background]),
+            "examples": {"recommended": recommended_examples(p.top1[s.describe], titles)},
+            "skew": _skew(p.space, p.rows(s.describe), bg_mean, p.top1[s.describe], p.top1[p.background]),
             "held_out": {"paper": list(lab.scores.n_paper), "detection": list(lab.scores.n_detect)},
         })  # fmt: skip
-    high = [u for u, c in zip(p.units["sae"], concepts, strict=True) if (c["confidence"] or 0) >= o.high_confidence]
-    coherence: dict[str, Any] = {"sae": mean_coherence(p.h, top1, high)}
-    coherence.update({k if k != "sae" else "sae_all": mean_coherence(p.h, top1, v) for k, v in p.units.items()})
-    coherence["high_confidence_latents"] = len(high)
     by_labeler = {"tfidf": _metrics(list(tfidf.values()), len(p.live))}
     if llm_labels:
         by_labeler["llm"] = _metrics(list(llm_labels.values()), len(llm_labels))
@@ -257,28 +240,56 @@ def build_catalog(
     main = by_labeler["llm" if llm_labels else "tfidf"]
     summary = {
         "live_latents": len(p.live), "n_latents": p.n_latents, "labelled": main["scored"],
-        "mean_confidence": main["mean_confidence"], "share_confidence_ge_0.8": main["share_confidence_ge_0.8"],
-        "share_confidence_ge_0.9": main["share_confidence_ge_0.9"], "mean_auc": main["mean_auc"],
-        "coherence": coherence, "by_labeler": by_labeler, "seconds": round(time.perf_counter() - started, 1),
+        **{k: main[k] for k in ("mean_confidence", "share_confidence_ge_0.8", "share_confidence_ge_0.9", "mean_auc")},
+        "coherence": _coherence(p, [c["confidence"] for c in concepts], o.high_confidence),
+        "by_labeler": by_labeler, "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     if usage:
         summary["llm"] = usage
-    body = {"labeler": labeler, "concepts": concepts}
-    digest = hashlib.sha256((json.dumps(body, sort_keys=True) + _file_sha(run_dir / "sae" / "sae_weights.safetensors"))
-                            .encode()).hexdigest()[:16]  # fmt: skip
+    body = json.dumps({"labeler": labeler, "concepts": concepts}, sort_keys=True)
+    digest = hashlib.sha256((body + _file_sha(run_dir / "sae" / "sae_weights.safetensors")).encode()).hexdigest()
+    n_paper, n_detect = o.samples.n_paper, o.samples.n_detect
     catalog = {
-        "version": digest, "labeler": labeler,
-        "run": {"dataset": ctx.config.get("dataset"), "model": ctx.model.name, "n_samples": len(users),
+        "version": digest[:16], "labeler": labeler,
+        "run": {"dataset": p.ctx.config.get("dataset"), "model": p.ctx.model.name, "n_samples": len(p.users),
                 "sae": {"n_latents": p.n_latents, "k": p.k}},
-        "protocol": {"paper": f"{o.samples.n_paper} activating + {o.samples.n_paper} inactive held-out samples, "
-                              "confidence = accuracy", "detection": f"ROC-AUC over <= {o.samples.n_detect} activating "
-                              f"+ {o.samples.n_detect} inactive held-out samples", "describing": o.samples.n_describe},
+        "protocol": {"paper": f"{n_paper} activating + {n_paper} inactive held-out samples, confidence = accuracy",
+                     "detection": f"ROC-AUC over <= {n_detect} activating + {n_detect} inactive held-out samples",
+                     "describing": o.samples.n_describe},
         "summary": summary, "concepts": concepts,
     }  # fmt: skip
     write_json(out_dir / CATALOG, catalog)
-    histograms = {s.latent: activation_histogram(codes, s.latent) for s in chosen}
-    write_report(catalog, histograms, out_dir / REPORT)
+    write_report(catalog, {s.latent: activation_histogram(p.codes, s.latent) for s in p.chosen}, out_dir / REPORT)
     return catalog
+
+
+def llm_labels_for(p: Prepared, o: CatalogOptions, client: LLMClient) -> dict[int, Labelled]:
+    """The language-model labels of `o.llm_latents` latents (a seeded random subset; all when 0)."""
+    subset = p.chosen
+    if o.llm_latents and o.llm_latents < len(p.chosen):
+        pick = np.random.default_rng(o.samples.seed).choice(len(p.chosen), o.llm_latents, replace=False)
+        subset = [p.chosen[i] for i in np.sort(pick)]
+    levels: dict[tuple[int, int], int] = {}
+    for s in subset:
+        shown = s.describe[: o.llm_shown]
+        values = activation_levels(latent_values(p.codes, s.latent, shown), p.global_deciles)
+        levels.update({(s.latent, int(i)): int(v) for i, v in zip(shown, values, strict=True)})
+
+    def render(sample: int, level: int | None) -> str:
+        hist = prefix_index(p.ctx.split.train, p.users[[sample]], p.positions[[sample]], o.llm_recent).values
+        return render_sample(p.ctx.dataset, hist, int(p.top1[sample]), level, o.llm_recent)
+
+    return llm_label(client, subset, render, levels, o.llm_shown, o.progress)
+
+
+def _coherence(p: Prepared, confidences: list[float | None], high: float) -> dict[str, Any]:
+    """RecSAE coherence of the high-confidence SAE latents, of all live latents, of the raw neurons and of the
+    random-init SAE's live latents."""
+    confident = [u for u, c in zip(p.units["sae"], confidences, strict=True) if (c or 0) >= high]
+    out: dict[str, Any] = {"sae": mean_coherence(p.h, p.top1, confident)}
+    out.update({k if k != "sae" else "sae_all": mean_coherence(p.h, p.top1, v) for k, v in p.units.items()})
+    out["high_confidence_latents"] = len(confident)
+    return out
 
 
 def _metrics(labels: list[Labelled], n_units: int) -> dict[str, Any]:
@@ -295,7 +306,7 @@ def _skew(space: TermSpace, x: sp.csr_matrix, bg_mean: np.ndarray, top1: np.ndar
     out: dict[str, Any] = {"popularity_percentile": {"latent": round(float(pct[top1].mean()), 3),
                                                      "background": round(float(pct[bg_top1].mean()), 3)}}  # fmt: skip
     share = np.asarray(x.mean(axis=0)).ravel()
-    offset = len(space.terms) - len(space.user_terms)
+    offset = space.user_offset
     for kind in ("gender", "age", "occupation"):
         cols = [offset + i for i, t in enumerate(space.user_terms) if t.startswith(kind + ":")]
         if not cols:

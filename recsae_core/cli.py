@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from recsae_core.errors import ConfigError, RecsaeError
 
@@ -64,7 +65,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The offline commands; `extend(subparsers)` lets the service package add its own without a reverse import."""
     parser = argparse.ArgumentParser(prog="recsae", description="RecSAE: interpret and steer recommenders with SAEs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -101,10 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sae_options(pipe, with_device=False)
     sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
     sweep.add_argument("--run", required=True, type=Path)
-    sweep.add_argument("--k", dest="ks", default="4,8,16,32", help="comma-separated k values")
+    sweep.add_argument("--ks", default="4,8,16,32", help="comma-separated k values")
     sweep.add_argument("--widths", default="1024", help="comma-separated latent counts")
     sweep.add_argument("--out", required=True, type=Path, help="JSON file; an .html page is written beside it")
     add_sae_options(sweep)
+    if extend is not None:
+        extend(sub)
     return parser
 
 
@@ -243,7 +247,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_sae_sweep(args: argparse.Namespace) -> int:
     from recsae_core.sae_sweep import sweep_sae
 
-    ks, widths = int_list(args.ks, "--k"), int_list(args.widths, "--widths")
+    ks, widths = int_list(args.ks, "--ks"), int_list(args.widths, "--widths")
     args.k, args.latents = min(ks), max(widths)
     result = sweep_sae(args.run, ks, widths, sae_options(args), args.out)
     for point in result["points"]:
@@ -251,8 +255,8 @@ def cmd_sae_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except RecsaeError as err:

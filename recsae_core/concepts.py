@@ -35,19 +35,20 @@ def activation_levels(values: np.ndarray, global_deciles: np.ndarray) -> np.ndar
 
 
 @torch.no_grad()
-def encode_sparse(sae: TopKSAE, h: torch.Tensor, batch_size: int = 16384, progress: bool = False) -> sp.csc_matrix:
-    """The SAE codes of every sample as a sparse (N, n_latents) float32 matrix in column (per-latent) form."""
+def encode_sparse(sae: TopKSAE, h: torch.Tensor, batch_size: int = 4096, progress: bool = False) -> sp.csc_matrix:
+    """The SAE codes of every sample as a sparse (N, n_latents) float32 matrix in column (per-latent) form, with
+    sorted indices. Same non-zeros as `sae.encode` (ReLU commutes with TopK), without dense (N, n_latents) codes."""
     k, n_latents = sae.cfg.k, sae.cfg.n_latents
     rows, cols, vals = [], [], []
+    w_enc, b_enc, b_dec = sae.W_enc.detach().float(), sae.b_enc.detach().float(), sae.b_dec.detach().float()
     starts = range(0, len(h), batch_size)
-    for start in tqdm(starts, desc="encode", unit="batch", disable=not progress):
-        x = h[start : start + batch_size].to(sae.device, torch.float32)
-        values, indices = sae.pre_activations(x).topk(k, dim=-1)
-        keep = values > 0
-        local = torch.arange(len(x)).unsqueeze(1).expand(-1, k)[keep]
-        rows.append(local.numpy() + start)
-        cols.append(indices[keep].cpu().numpy())
-        vals.append(values[keep].cpu().numpy())
+    for start in tqdm(starts, desc="encode", unit="batch", disable=not progress, mininterval=1.0):
+        x = h[start : start + batch_size].to(w_enc.device, torch.float32)
+        values, indices = torch.addmm(b_enc, x - b_dec, w_enc).topk(k, dim=-1)
+        keep = (values > 0).cpu().numpy()
+        rows.append(np.nonzero(keep)[0] + start)
+        cols.append(indices.cpu().numpy()[keep])
+        vals.append(values.cpu().numpy()[keep])
     shape = (len(h), n_latents)
     if not rows:
         return sp.csc_matrix(shape, dtype=np.float32)
@@ -55,6 +56,14 @@ def encode_sparse(sae: TopKSAE, h: torch.Tensor, batch_size: int = 16384, progre
     codes = coo.tocsc().astype(np.float32)
     codes.sort_indices()
     return codes
+
+
+def _member(sorted_values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Boolean mask: which ids occur in the sorted array."""
+    if len(sorted_values) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    where = np.minimum(np.searchsorted(sorted_values, ids), len(sorted_values) - 1)
+    return sorted_values[where] == ids
 
 
 def latent_values(codes: sp.csc_matrix, latent: int, ids: np.ndarray) -> np.ndarray:
@@ -242,9 +251,9 @@ def select_samples(
         draw = rng.integers(0, len(heldout_pool), size=8 * n_neg + 64) if len(heldout_pool) else np.zeros(0, int)
         candidates = np.unique(heldout_pool[draw])
         candidates = candidates[rng.permutation(len(candidates))]
-        bad = np.isin(candidates, rows) | np.isin(users[candidates], users[describe])
+        bad = _member(rows, candidates) | np.isin(users[candidates], users[describe])
         negatives = candidates[~bad][:n_neg]
-        calibrate = background[~np.isin(background, rows)]
+        calibrate = background[~_member(rows, background)]
         calibrate = calibrate[rng.permutation(len(calibrate))[: o.n_calibrate]]
         out.append(
             LatentSamples(

@@ -12,7 +12,7 @@ import torch
 from recsae_core.bundle import BundleContents, InputSpec, read_tensors
 from recsae_core.errors import ArtifactError, DataError
 from recsae_core.evaluate import make_batch, pad_histories
-from recsae_core.probe import load_inputs, open_onnx
+from recsae_core.probe import h_output, load_inputs, open_onnx
 from recsae_core.runs import RunContext
 from recsae_core.splits import Ragged
 
@@ -157,7 +157,7 @@ def contents_from_onnx(
     bias = tensors.get("item_bias")
     ids, titles, genres, popularity = read_items_csv(items_csv, len(emb))
     n_users = len(next(iter(user_inputs.values())))
-    probe = session.run(None, {k: v[:1] for k, v in user_inputs.items()})[0]
+    probe = session.run([h_output(session, onnx_path)], {k: v[:1] for k, v in user_inputs.items()})[0]
     if probe.shape[-1] != emb.shape[1]:
         raise ArtifactError(f"{onnx_path}: h has width {probe.shape[-1]} but item_embeddings has d={emb.shape[1]}")
     return BundleContents(

@@ -29,6 +29,8 @@ def import_onnx(
     """Build a bundle around an outside model. Without ground-truth interactions the SAE is selected on held-out
     reconstruction (FVU) instead of dev NDCG."""
     work = work or out.with_name(out.name + ".work")
+    # Validate every input file before spending minutes on the probe and the SAE.
+    contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, work / "sae", name)
     collect_onnx(onnx_path, user_inputs_path, work / "probe", progress=options.progress)
     activations, _, _ = load_activations(work / "probe")
     generator = torch.Generator().manual_seed(options.seed)
@@ -56,7 +58,6 @@ def import_onnx(
         sae.save(folder, hook_name="imported.h")
         save_stats(stats, folder / "latent_stats.safetensors")
         write_json(folder / "metrics.json", metrics)
-    contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, work / "sae", name)
     manifest = write_bundle(contents, out)
     verify_bundle(out)
     return {"bundle": str(out), "versions": manifest["versions"], "sae": metrics}

@@ -57,9 +57,10 @@ def occupation_name(code: str) -> str:
 def popularity_bands(popularity: np.ndarray) -> np.ndarray:
     """0 popular / 1 mid-popular / 2 niche: items holding the first, second and last third of interactions."""
     order = np.lexsort((np.arange(len(popularity)), -popularity))
-    share = np.cumsum(popularity[order]) / max(popularity.sum(), 1)
+    counts = popularity[order].astype(np.float64)
+    start = (np.cumsum(counts) - counts) / max(counts.sum(), 1)  # share of interactions held by more popular items
     bands = np.empty(len(popularity), dtype=np.int64)
-    bands[order] = np.minimum((share * 3 - 1e-9).astype(np.int64).clip(0), 2)
+    bands[order] = np.minimum((start * 3).astype(np.int64), 2)
     return bands
 
 
@@ -104,6 +105,11 @@ class TermSpace:
         it = self.item_terms
         return [*it, *("last " + t for t in it), *("next " + t for t in it), *HISTORY_BANDS_KEYS, *self.user_terms,
                 *("last " + t for t in self.item_names), *("next " + t for t in self.item_names)]  # fmt: skip
+
+    @property
+    def user_offset(self) -> int:
+        """Column of the first user term in `sample_matrix`."""
+        return 3 * len(self.item_terms) + len(HISTORY_BANDS_KEYS)
 
     @classmethod
     def build(cls, data: Dataset, split: Split) -> TermSpace:
@@ -209,7 +215,7 @@ class TfidfLabel(NamedTuple):
 
 def tfidf_terms(
     describe: sp.csr_matrix, background_mean: np.ndarray, n_background: int, keys: list[str], max_terms: int = 6,
-    min_share: float = 0.1, smoothing: float = 2.0,
+    min_share: float = 0.1, smoothing: float = 2.0, min_lift: float = 1.1,
 ) -> tuple[list[Term], list[int]]:  # fmt: skip
     """Terms over-represented in the describing samples against the background, strongest (tf x log lift) first,
     with their column indices."""
@@ -220,7 +226,7 @@ def tfidf_terms(
     bg = np.maximum(background_mean, 1.0 / max(n_background, 1))
     lift = (tf * n + smoothing * bg) / (n + smoothing) / bg
     weight = tf * np.log(np.maximum(lift, 1e-12))
-    ok = (lift > 1.0) & (tf >= min_share) & (weight > 0)
+    ok = (lift >= min_lift) & (tf >= min_share)
     order = [int(i) for i in np.argsort(-weight, kind="stable") if ok[i]][:max_terms]
     terms = [Term(keys[i], float(tf[i]), float(background_mean[i]), float(lift[i]), float(weight[i])) for i in order]
     return terms, order

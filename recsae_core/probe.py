@@ -20,9 +20,8 @@ from tqdm.auto import tqdm
 
 from recsae_core.artifacts import atomic_folder, read_json, write_json
 from recsae_core.errors import ArtifactError
-from recsae_core.evaluate import make_batch
+from recsae_core.evaluate import make_batch, pad_histories
 from recsae_core.runs import RunContext
-from recsae_core.train import sequence_windows
 
 PROBE = "probe"
 META = "meta.json"
@@ -73,18 +72,21 @@ class ShardWriter:
 
 
 def _sequence_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(h, user, position) for every non-padded position of every training window; position indexes the user's
-    training sequence, so each sample maps back to a real prefix."""
-    windows = sequence_windows(ctx.split, ctx.model.config.max_len)
-    pad = ctx.model.config.n_items
-    for start in range(0, len(windows.inputs), batch_size):
-        history = torch.from_numpy(windows.inputs[start : start + batch_size])
+    """(h, user, position) for every position of every training sequence, each computed exactly as the service
+    computes it for that prefix (its last max_len items, left-padded): an output read from inside a longer training
+    window would sit at another absolute position and differ from what is served."""
+    train, max_len, pad = ctx.split.train, ctx.model.config.max_len, ctx.model.config.n_items
+    users = np.repeat(np.arange(ctx.split.n_users), train.lengths)
+    positions = np.concatenate([np.arange(n) for n in train.lengths]) if len(users) else np.zeros(0, np.int64)
+    for start in range(0, len(users), batch_size):
+        chunk_users, chunk_positions = users[start : start + batch_size], positions[start : start + batch_size]
+        prefixes = [
+            train.row(u)[max(0, t + 1 - max_len) : t + 1] for u, t in zip(chunk_users, chunk_positions, strict=True)
+        ]
+        history = torch.from_numpy(pad_histories(prefixes, max_len, pad))
         with torch.no_grad():
-            out = ctx.model.encode(history).numpy()
-        valid = history.numpy() != pad
-        rows, cols = np.nonzero(valid)
-        positions = windows.ends[start : start + batch_size][rows] - (valid.shape[1] - cols)
-        yield out[rows, cols], windows.users[start : start + batch_size][rows], positions
+            h = ctx.model.encode(history)[:, -1].numpy()
+        yield h, chunk_users, chunk_positions
 
 
 def _user_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -96,7 +98,9 @@ def _user_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray
         yield h, users, seen.lengths[users] - 1
 
 
-def collect(ctx: RunContext, rows_per_shard: int = 131072, batch_size: int = 512, progress: bool = True) -> ProbeResult:
+def collect(
+    ctx: RunContext, rows_per_shard: int = 131072, batch_size: int = 2048, progress: bool = True
+) -> ProbeResult:
     """Probe a trained run into RUN_DIR/probe (atomically)."""
     ctx.model.cpu().eval()
     samples = _sequence_samples(ctx, batch_size) if ctx.model.sequential else _user_samples(ctx, batch_size)
@@ -134,10 +138,7 @@ def collect_onnx(
     session = open_onnx(model_path)
     inputs = load_inputs(inputs_path, session)
     n = len(next(iter(inputs.values())))
-    outputs = [o.name for o in session.get_outputs()]
-    name = output_name or ("h" if "h" in outputs else outputs[0])
-    if name not in outputs:
-        raise ArtifactError(f"{model_path}: no output named '{name}'; outputs are {outputs}")
+    name = h_output(session, model_path, output_name)
     with atomic_folder(out) as folder:
         writer = ShardWriter(folder, rows_per_shard)
         d = 0
@@ -157,6 +158,15 @@ def collect_onnx(
             {"n_samples": writer.total, "d": d, "shards": shards, "source": str(model_path), "sample": "input-row"},
         )
     return ProbeResult(folder=out, n_samples=writer.total, d=d, shards=shards)
+
+
+def h_output(session: ort.InferenceSession, path: Path, name: str | None = None) -> str:
+    """The output that carries h: the one named `name`, else 'h', else the only/first output."""
+    outputs = [o.name for o in session.get_outputs()]
+    chosen = name or ("h" if "h" in outputs else outputs[0])
+    if chosen not in outputs:
+        raise ArtifactError(f"{path}: no output named '{chosen}'; outputs are {outputs}")
+    return chosen
 
 
 def open_onnx(path: Path, threads: int = 0) -> ort.InferenceSession:
@@ -194,8 +204,16 @@ def load_inputs(path: Path, session: ort.InferenceSession) -> dict[str, np.ndarr
     for name, spec in wanted.items():
         dtype = ORT_TO_NUMPY.get(spec.type)
         if dtype is None:
-            raise ArtifactError(f"model input '{name}' has unsupported type {spec.type}")
-        out[name] = tensors[name].astype(dtype, copy=False)
+            raise ArtifactError(
+                f"{path}: model input '{name}' has type {spec.type}, which recsae cannot feed "
+                f"(supported: {', '.join(sorted(ORT_TO_NUMPY))})"
+            )
+        values = tensors[name]
+        expected = list(spec.shape)
+        fixed = [(axis, dim) for axis, dim in enumerate(expected) if isinstance(dim, int) and axis > 0]
+        if values.ndim != len(expected) or any(values.shape[axis] != dim for axis, dim in fixed):
+            raise ArtifactError(f"{path}: '{name}' has shape {list(values.shape)}; the model expects {expected}")
+        out[name] = values.astype(dtype, copy=False)
     sizes = {name: len(v) for name, v in out.items()}
     if len(set(sizes.values())) != 1 or 0 in sizes.values():
         raise ArtifactError(f"{path}: inputs must share a non-empty first axis; got {sizes}")

@@ -1,0 +1,293 @@
+"""`recsae debias`: sweep the steering policy and the baselines, pick the operating point on validation, write
+RUN_DIR/debias/<target>.json, RUN_DIR/debias/report.html and RUN_DIR/policies/<target>.json."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from recsae_core.artifacts import read_json, write_json
+from recsae_core.bias_metrics import HEAD_DEFINITION, head_mask
+from recsae_core.debias import (
+    TARGETS,
+    Evaluator,
+    K,
+    find_latents,
+    fit_weights,
+    objective,
+    policy_document,
+    policy_edits,
+    policy_transform,
+    rel_loss,
+    stage_data,
+)
+from recsae_core.errors import ConfigError
+from recsae_core.evaluate import make_batch
+from recsae_core.intervention import Intervener
+from recsae_core.pipeline import SAE
+from recsae_core.report import figure_html, page, table_html
+from recsae_core.rerank import cohens_d, popsteer_transform, popularity_penalty, xquad
+from recsae_core.runs import RunContext, load_run
+from recsae_core.sae import TopKSAE
+from recsae_core.sae_train import STATS_FILE, load_stats
+
+POLICY = "recsae-policy"
+STRENGTHS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+PENALTIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+XQUAD = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+POPSTEER = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+LOWER_IS_BETTER = {f"arp@{K}": True, f"tail_share@{K}": False, f"gini@{K}": True, f"coverage@{K}": False,
+                   "leakage_distance": True, "ndcg_gap": True}  # fmt: skip
+
+
+@torch.no_grad()
+def popsteer_d(ctx: RunContext, sae: TopKSAE, head: np.ndarray, dev: Evaluator, n: int = 300) -> np.ndarray:
+    """PopSteer's Cohen's d between popular-only and unpopular-only synthetic profiles (sequential models), or,
+    for user-embedding models, between dev users in the top and bottom quartile of history popularity."""
+    if ctx.model.sequential:
+        rng = np.random.default_rng(0)
+        head_items, tail_items = np.flatnonzero(head), np.flatnonzero(~head)
+        length = min(30, ctx.model.config.max_len, len(head_items))
+        profiles = [rng.choice(pool, length, replace=False) for pool in (head_items, tail_items) for _ in range(n)]
+        from recsae_core.splits import Ragged
+
+        seen = Ragged.from_lists(profiles)
+        h = ctx.model.represent(make_batch(ctx.model, np.arange(len(profiles)), seen, "cpu"))
+        z = sae.encode(h.float()).numpy()
+        return cohens_d(z[:n], z[n:])
+    seen = ctx.split.seen("valid")
+    mean_pop = np.array([dev.popularity[seen.row(u)].mean() if len(seen.row(u)) else 0 for u in dev.data.users])
+    z = sae.encode(dev.data.h.float()).detach().numpy()
+    low, high = np.quantile(mean_pop, [0.25, 0.75])
+    return cohens_d(z[mean_pop >= high], z[mean_pop <= low])
+
+
+def _point(method: str, strength: float, dev: dict, test: dict, original: dict, **extra: Any) -> dict[str, Any]:
+    return {"method": method, "strength": strength, **extra, "metrics": test["metrics"], "dev_metrics": dev["metrics"],
+            "ndcg_rel_loss": round(rel_loss(test["metrics"], original["test"]), 6),
+            "dev_ndcg_rel_loss": round(rel_loss(dev["metrics"], original["dev"]), 6)}  # fmt: skip
+
+
+def pick(points: list[dict], method: str, target: str, budget: float, original_dev: dict) -> dict | None:
+    """The method's point with the lowest dev bias objective within the dev NDCG budget (gender: gap not wider)."""
+    ok = [p for p in points if p["method"] == method and p["dev_ndcg_rel_loss"] <= budget]
+    if target == "gender":
+        ok = [p for p in ok if p["dev_metrics"]["ndcg_gap"] <= original_dev["ndcg_gap"] + 1e-12]
+    return min(ok, key=lambda p: objective(p["dev_metrics"], target), default=None)
+
+
+def pareto(points: list[dict], metric: str) -> list[int]:
+    """Indices of points on the (NDCG@10 up, metric down/up) front, by test metrics."""
+    sign = 1.0 if LOWER_IS_BETTER[metric] else -1.0
+
+    def value(p: dict) -> float:
+        m = p["metrics"]
+        return sign * (abs(m["leakage_auc"] - 0.5) if metric == "leakage_distance" else m[metric])
+
+    front = []
+    for i, p in enumerate(points):
+        dominated = any(
+            q["metrics"][f"ndcg@{K}"] >= p["metrics"][f"ndcg@{K}"] and value(q) <= value(p)
+            and (q["metrics"][f"ndcg@{K}"] > p["metrics"][f"ndcg@{K}"] or value(q) < value(p))
+            for q in points
+        )  # fmt: skip
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def run_debias(
+    run_dir: Path, target: str, budget: float = 0.02, fdr: float = 0.05, max_candidates: int = 24,
+    progress: bool = True, log: Callable[[str], None] = print, strengths: Sequence[float] = STRENGTHS,
+) -> dict[str, Any]:  # fmt: skip
+    """See recsae_core.debias.debias."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
+    if not 0 < budget < 1:
+        raise ConfigError(f"--budget must be in (0, 1), got {budget}")
+    started = time.perf_counter()
+    ctx = load_run(run_dir)
+    ctx.model.eval()
+    sae = TopKSAE.load(run_dir / SAE).eval()
+    intervener = Intervener(sae, load_stats(run_dir / SAE / STATS_FILE, sae.cfg.n_latents))
+    popularity = ctx.split.item_popularity().astype(np.float64)
+    head = head_mask(popularity)
+    gender = target == "gender"
+    dev = Evaluator(ctx, stage_data(ctx, "valid", gender), popularity, head)
+    test = Evaluator(ctx, stage_data(ctx, "test", gender), popularity, head)
+    original = {"dev": dev.steer(None), "test": test.steer(None)}
+    log(f"original test metrics: {original['test']}")
+    assoc, candidates = find_latents(dev, intervener, target, original["dev"], fdr, max_candidates, progress=progress)
+    log(f"{int(assoc.significant.sum())} latents pass BH at FDR {fdr}; {len(candidates)} reduce the bias on dev")
+
+    jobs: list[tuple[str, float, dict, Callable[[Evaluator], np.ndarray]]] = []
+    families = {"screened": candidates}
+    if gender:
+        sizes = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, len(candidates)) if 0 < n <= len(candidates)})
+        for n in sizes:
+            edits = policy_edits(candidates, n, 1.0)
+            jobs.append((POLICY, float(n), {"n_latents": n, "weighting": "screened"}, _steered(intervener, edits)))
+    else:
+        sizes = sorted({n for n in (1, 2, 4, 8, 16, len(candidates)) if 0 < n <= len(candidates)})
+        for n in sizes:
+            families[f"fit{n}"] = fit_weights(candidates[:n], intervener, ctx.model.item_embeddings(), popularity)
+            for weighting, family in (("screened", candidates), ("fit", families[f"fit{n}"])):
+                for s in strengths:
+                    edits = policy_edits(family, n, s)
+                    extra = {"n_latents": n, "weighting": weighting}
+                    jobs.append((POLICY, s, extra, _steered(intervener, edits)))
+        spread = float(np.nanmean(np.nanstd(torch.nan_to_num(dev.data.scores, neginf=float("nan")).numpy(), axis=1)))
+        for lam in PENALTIES:
+            jobs.append(("popularity-penalty", round(lam * spread, 6), {}, _penalty(lam * spread, popularity)))
+        for lam in XQUAD:
+            jobs.append(("xquad", lam, {}, _xquad(lam, head)))
+        d = popsteer_d(ctx, sae, head, dev)
+        for alpha in POPSTEER:
+            jobs.append(("popsteer", alpha, {"n_latents": 32}, _steered_transform(popsteer_transform(
+                sae, intervener.stats, d, alpha))))  # fmt: skip
+    points = []
+    for method, strength, extra, lists in tqdm(jobs, desc=f"sweep ({target})", disable=not progress):
+        dev_m, test_m = {"metrics": dev.metrics(lists(dev))}, {"metrics": test.metrics(lists(test))}
+        points.append(_point(method, strength, dev_m, test_m, original, **extra))
+
+    chosen_point = pick(points, POLICY, target, budget, original["dev"])
+    chosen: dict[str, Any] = {"policy": None, "strength": None, "metrics": None, "ndcg_rel_loss": None}
+    policy_path = run_dir / "policies" / f"{target}.json"
+    if chosen_point is not None:
+        n, s = chosen_point["n_latents"], chosen_point["strength"]
+        family = families["screened" if chosen_point["weighting"] == "screened" else f"fit{n}"]
+        edits = policy_edits(family, n, 1.0 if gender else s)
+        doc = policy_document(ctx, target, edits, s, n, budget, chosen_point["dev_metrics"], policy_path)
+        write_json(policy_path, doc)
+        chosen = {"policy": target, "version": doc["version"], "strength": s, "n_latents": n,
+                  "weighting": chosen_point["weighting"], "edits": doc["edits"], "metrics": chosen_point["metrics"],
+                  "ndcg_rel_loss": chosen_point["ndcg_rel_loss"], "dev_metrics": chosen_point["dev_metrics"],
+                  "dev_ndcg_rel_loss": chosen_point["dev_ndcg_rel_loss"], "policy_file": str(policy_path)}  # fmt: skip
+        log(f"chosen: {n} latents at strength {s}: {chosen_point['metrics']}")
+    else:
+        log(f"no policy point stays within {budget:.1%} relative NDCG@{K} loss on dev; no policy written")
+    baselines = {}
+    for method in ("popularity-penalty", "xquad", "popsteer") if not gender else ():
+        best = pick(points, method, target, budget, original["dev"])
+        baselines[method] = (
+            None
+            if best is None
+            else {"strength": best["strength"], "metrics": best["metrics"], "ndcg_rel_loss": best["ndcg_rel_loss"]}
+        )
+    metrics = [f"arp@{K}", f"tail_share@{K}", f"gini@{K}", f"coverage@{K}"]
+    metrics = ["leakage_distance", "ndcg_gap"] if gender else metrics
+    result = {
+        "target": target,
+        "run": str(run_dir),
+        "budget": budget,
+        "selection": f"latents, strength and baseline points chosen on the validation stage; metrics are test; "
+        f"NDCG@{K} budget is relative to the original model on validation",
+        "head_tail": HEAD_DEFINITION,
+        "n_head_items": int(head.sum()),
+        "original": original["test"],
+        "original_dev": original["dev"],
+        "latents": {
+            "fdr": fdr,
+            "n_significant": int(assoc.significant.sum()),
+            "candidates": [
+                {
+                    "latent": c.latent,
+                    "edit": c.edit.__dict__,
+                    "bias_drop": round(c.bias_drop, 6),
+                    "ndcg_loss": round(c.ndcg_loss, 6),
+                    "efficiency": round(c.efficiency, 6),
+                    "cohens_d": round(float(assoc.d[c.latent]), 6),
+                    "p": float(assoc.p[c.latent]),
+                }
+                for c in candidates
+            ],
+        },
+        "sweep": points,
+        "pareto": {m: pareto(points, m) for m in metrics},
+        "chosen": chosen,
+        "baselines_at_budget": baselines,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = run_dir / "debias"
+    write_json(out / f"{target}.json", result)
+    write_report(out)
+    return result
+
+
+def _steered(intervener: Intervener, edits: list) -> Callable[[Evaluator], np.ndarray]:
+    return _steered_transform(policy_transform(intervener, edits))
+
+
+def _steered_transform(transform: Callable | None) -> Callable[[Evaluator], np.ndarray]:
+    return lambda ev: ev.scores(transform).topk(K, dim=1).indices.numpy()
+
+
+def _penalty(lam: float, popularity: np.ndarray) -> Callable[[Evaluator], np.ndarray]:
+    return lambda ev: popularity_penalty(ev.data.scores, popularity, lam, K)
+
+
+def _xquad(lam: float, head: np.ndarray) -> Callable[[Evaluator], np.ndarray]:
+    def lists(ev: Evaluator) -> np.ndarray:
+        seen = ev.seen
+        share = np.array([(~head[seen.row(u)]).mean() if len(seen.row(u)) else 0.0 for u in ev.data.users])
+        return xquad(ev.data.scores, head, share, lam, K)
+
+    return lists
+
+
+def write_report(folder: Path) -> Path:
+    """RUN_DIR/debias/report.html from every <target>.json present: Pareto plots and the chosen points."""
+    sections = []
+    for path in sorted(folder.glob("*.json")):
+        result = read_json(path)
+        target, points = result["target"], result["sweep"]
+        sections.append(f"<h2>{html.escape(target)}</h2><p class='note'>{html.escape(result['selection'])}. "
+                        f"{html.escape(result['head_tail'])}.</p>")  # fmt: skip
+        for metric in result["pareto"]:
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for method in dict.fromkeys(p["method"] for p in points):
+                mine = [p for p in points if p["method"] == method]
+                xs = [_value(p["metrics"], metric) for p in mine]
+                ax.scatter(xs, [p["metrics"][f"ndcg@{K}"] for p in mine], s=12, label=method, alpha=0.7)
+            ax.scatter([_value(result["original"], metric)], [result["original"][f"ndcg@{K}"]], marker="*", s=150,
+                       c="k", label="original")  # fmt: skip
+            if result["chosen"]["metrics"]:
+                m = result["chosen"]["metrics"]
+                ax.scatter([_value(m, metric)], [m[f"ndcg@{K}"]], marker="X", s=120, c="red", label="chosen")
+            budget_line = result["original"][f"ndcg@{K}"] * (1 - result["budget"])
+            ax.axhline(budget_line, ls="--", c="grey", lw=0.8, label=f"-{result['budget']:.0%} NDCG")
+            ax.set_xlabel(f"{metric} (test)")
+            ax.set_ylabel(f"NDCG@{K} (test)")
+            ax.legend(fontsize=7)
+            sections.append(figure_html(fig, f"{target}: NDCG@{K} against {metric}"))
+        rows = [["original", "", *_row(result["original"], result["pareto"])]]
+        if result["chosen"]["metrics"]:
+            rows.append([POLICY, result["chosen"]["strength"], *_row(result["chosen"]["metrics"], result["pareto"])])
+        for name, best in result["baselines_at_budget"].items():
+            rows.append(
+                [
+                    name,
+                    best["strength"] if best else "none in budget",
+                    *(_row(best["metrics"], result["pareto"]) if best else [""] * (len(result["pareto"]) + 1)),
+                ]
+            )
+        sections.append(table_html(["method", "strength", f"ndcg@{K}", *result["pareto"]], rows))
+    out = folder / "report.html"
+    out.write_text(page("recsae de-biasing", sections))
+    return out
+
+
+def _value(metrics: dict, metric: str) -> float:
+    return abs(metrics["leakage_auc"] - 0.5) if metric == "leakage_distance" else metrics[metric]
+
+
+def _row(metrics: dict, keys: dict) -> list[float]:
+    return [metrics[f"ndcg@{K}"], *(_value(metrics, k) for k in keys)]

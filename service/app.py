@@ -1,0 +1,356 @@
+"""The HTTP service: a FastAPI app served by a Ray Serve deployment that wraps one `Engine`.
+
+    serve run service.app:app_builder bundle=/path/to/bundle          # or import_path: service.app:app in YAML
+
+Requests are grouped with @serve.batch (each row keeps its own edits); the engine runs in a worker thread so the
+event loop keeps accepting requests. `reconfigure(user_config)` changes limits, batching and the bundle without a
+restart; a bundle that fails verification is refused and the old one keeps serving.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.deployment import Application
+
+from recsae_core.errors import ConfigError, RecsaeError
+from recsae_core.intervention import EditBounds
+from service.catalog import RequestError
+from service.engine import Engine, Row, RowResult, limit_threads
+from service.metrics import ServiceMetrics, policy_label
+from service.metrics import current as current_metrics
+from service.metrics import register as register_metrics
+from service.query import query_request
+from service.schemas import RecommendRequest, RecommendResponse, ServiceConfig, validation_message
+
+log = logging.getLogger("recsae.service")
+ADMIN_TOKEN_ENV = "RECSAE_ADMIN_TOKEN"
+BUNDLE_ENV = "RECSAE_BUNDLE"
+fastapi_app = FastAPI(title="recsae", description="SAE monitoring and steering in front of a recommender")
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str | None = Field(None, min_length=1, description="bundle folder; default: reload the current one")
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message, "status": status}, status_code=status, headers=headers)
+
+
+@fastapi_app.exception_handler(RequestError)
+async def _request_error(_: Request, err: RequestError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return error(err.status, err.message, headers)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in err.errors()]
+    return error(422, "; ".join(parts))
+
+
+@fastapi_app.exception_handler(Exception)
+async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    return error(500, f"internal error ({type(err).__name__}); see the replica log")
+
+
+OUTCOMES = {401: "unauthorized", 403: "unauthorized", 404: "not_found", 409: "conflict", 413: "too_large"}
+
+
+class MetricsMiddleware:
+    """Counts every request by route template, method, outcome and policy, and times it (pure ASGI: cheap)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def record_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            metrics = current_metrics()
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                code = status[0]
+                outcome = "ok" if code < 400 else OUTCOMES.get(code, "invalid" if code < 500 else "error")
+                outcome = "invalid" if code in (400, 422) else outcome
+                policy = scope.get("state", {}).get("policy", "none")
+                metrics.request(route, scope["method"], outcome, policy, (time.perf_counter() - start) * 1000)
+
+
+fastapi_app.add_middleware(MetricsMiddleware)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) a declared or actual size over `limit` without reading past it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"invalid Content-Length header {declared!r}")
+        if int(declared) > limit:
+            raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def bounds_of(cfg: ServiceConfig) -> EditBounds:
+    return EditBounds(max_abs_std=cfg.max_abs_std, max_scale=cfg.max_scale, max_edits=cfg.max_edits)
+
+
+@serve.deployment(name="recsae", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress(fastapi_app)
+class RecsaeService:
+    """One replica. The bundle comes in `user_config`: Ray calls reconfigure() right after __init__, before the
+    replica takes traffic, so the first bundle is loaded and warmed up there (a bad one fails the replica's start).
+    Init arguments stay fixed so that a new user_config is applied in place, never by a restart."""
+
+    def __init__(self, max_ongoing_requests: int = 64) -> None:
+        self.max_ongoing = max_ongoing_requests
+        self.metrics = ServiceMetrics()
+        self.config: ServiceConfig | None = None
+        self.engine: Engine | None = None
+        self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        self.last_reload: dict[str, Any] = {}
+        self.lock = asyncio.Lock()
+        self.refresher: asyncio.Task | None = None
+        register_metrics(self.metrics)
+
+    async def _refresh_gauges(self, period_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.metrics.refresh()
+
+    # ------------------------------------------------------------- configuration
+
+    def _apply_batching(self) -> None:
+        size = self.config.max_batch_size
+        if size > self.max_ongoing:
+            log.warning("max_batch_size %d > max_ongoing_requests %d: batches could never fill; using %d",
+                        size, self.max_ongoing, self.max_ongoing)  # fmt: skip
+            size = self.max_ongoing
+        self._batched.set_max_batch_size(size)
+        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new user_config. A new bundle is loaded beside the old one and swapped in only once verified and
+        warmed up; an invalid config or bundle is logged and refused, and the replica keeps serving what it had.
+        Only the very first configuration raises (nothing to fall back to: the replica must not start)."""
+        first = self.engine is None
+        if self.refresher is None:
+            self.refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
+        try:
+            new = ServiceConfig.model_validate(user_config)
+        except ValidationError as err:
+            message = f"service config: {validation_message(err)}"
+            self._refused(user_config.get("bundle") if isinstance(user_config, dict) else None, message)
+            if first:
+                raise ConfigError(message) from None
+            log.error("reconfigure refused: %s", message)
+            return
+        try:
+            await self.switch(new)
+        except RecsaeError as err:
+            if first:
+                raise
+            log.error("reconfigure refused, still serving %s: %s", self.config.bundle, err)
+
+    def _refused(self, bundle: str | None, message: str) -> None:
+        self.last_reload = {"outcome": "refused", "bundle": bundle, "error": message, "at": time.time()}
+        self.metrics.reload("refused")
+
+    async def switch(self, new: ServiceConfig, force: bool = False) -> None:
+        """Load `new.bundle` if forced or if it (or the engine settings) changed, then adopt `new`; raises
+        RecsaeError and keeps everything as it was if the bundle fails to load."""
+        async with self.lock:
+            old, engine = self.config, self.engine
+            engine_keys = ("bundle", "threads", "max_abs_std", "max_scale", "max_edits")
+            if force or old is None or any(getattr(new, k) != getattr(old, k) for k in engine_keys):
+                limit_threads(new.threads)  # process-wide: this process is one replica
+                try:
+                    engine = await asyncio.to_thread(Engine.load, new.bundle, new.threads, bounds_of(new))
+                except RecsaeError as err:
+                    self._refused(new.bundle, str(err))
+                    raise
+                self.last_reload = {"outcome": "ok", "bundle": new.bundle, "at": time.time()}
+                self.metrics.reload("ok")
+                log.info("serving bundle %s (versions %s)", new.bundle, engine.versions)
+            windows = (new.concept_metric_cap, new.drift_window)
+            changed = engine is not self.engine or old is None or windows != (old.concept_metric_cap, old.drift_window)
+            self.engine, self.config = engine, new
+            if changed:
+                self.metrics.use_engine(engine, *windows)
+            self._apply_batching()
+
+    # ------------------------------------------------------------- recommend
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _batched(self, jobs: list[tuple[Engine, Row, bool]]) -> list[tuple[RowResult, dict[str, float]]]:
+        """One engine call per (engine, sae) group: normally the whole batch."""
+        out: list[Any] = [None] * len(jobs)
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for i, (engine, _, sae) in enumerate(jobs):
+            groups.setdefault((id(engine), sae), []).append(i)
+        for (_, sae), indices in groups.items():
+            engine, rows = jobs[indices[0]][0], [jobs[i][1] for i in indices]
+            results, timings = await asyncio.to_thread(engine.recommend, rows, sae)
+            self.metrics.batch(engine, rows, results, timings)
+            for i, result in zip(indices, results, strict=True):
+                out[i] = (result, timings)
+        return out
+
+    async def _serve(self, request: Request, parsed: RecommendRequest) -> JSONResponse:
+        engine, cfg = self.engine, self.config
+        row = engine.parse(parsed, sae=cfg.sae)
+        request.state.policy = policy_label(row)
+        if cfg.batching:
+            result, timings = await self._batched((engine, row, cfg.sae))
+        else:
+            results, timings = await asyncio.to_thread(engine.recommend, [row], cfg.sae)
+            self.metrics.batch(engine, [row], results, timings)
+            result = results[0]
+        payload = engine.response(row, result, cfg.explain_top)
+        timing = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
+        return JSONResponse(payload, headers={"Server-Timing": timing})
+
+    @fastapi_app.post("/v1/recommend", responses={200: {"model": RecommendResponse}})
+    async def recommend(self, request: Request) -> JSONResponse:
+        """Body: {user_id | history, k, exclude_seen, steering: {policy, edits: [...]}, explain}."""
+        body = await read_body(request, self.config.max_body_bytes)
+        try:
+            parsed = RecommendRequest.model_validate_json(body, context={"config": self.config})
+        except ValidationError as err:
+            raise RequestError(422, validation_message(err)) from None
+        return await self._serve(request, parsed)
+
+    @fastapi_app.get("/v1/recommend", responses={200: {"model": RecommendResponse}})
+    async def recommend_get(self, request: Request) -> JSONResponse:
+        """?user_id=&k=&exclude_seen=&policy=&ablate=a,b&steer=concept:value&explain= (steer = nudge in std units)."""
+        return await self._serve(request, query_request(request.query_params, self.config))
+
+    # ------------------------------------------------------------- catalogue
+
+    @fastapi_app.get("/v1/concepts")
+    async def concepts(self) -> dict[str, Any]:
+        engine = self.engine
+        items = [engine.catalog.concept_summary(c, engine.stats) for c in engine.catalog.concepts]
+        return {"concepts": items, "n_latents": engine.n_latents, "versions": engine.versions}
+
+    @fastapi_app.get("/v1/concepts/{name}")
+    async def concept(self, name: str) -> dict[str, Any]:
+        return self.engine.concept_detail(name)
+
+    @fastapi_app.get("/v1/policies")
+    async def policies(self) -> dict[str, Any]:
+        engine = self.engine
+        return {
+            "policies": [engine.policy_summary(p) for p in engine.catalog.policies.values()],
+            "versions": engine.versions,
+        }
+
+    # ------------------------------------------------------------- operations
+
+    @fastapi_app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @fastapi_app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        cfg = self.config
+        body = {
+            "status": "ready",
+            "bundle": cfg.bundle,
+            "versions": self.engine.versions,
+            "sae": cfg.sae,
+            "batching": cfg.batching,
+            "max_batch_size": cfg.max_batch_size,
+            "last_reload": self.last_reload,
+            "pid": os.getpid(),
+            "config": cfg.model_dump(),
+        }
+        return JSONResponse(body)
+
+    @fastapi_app.post("/admin/reload")
+    async def admin_reload(self, request: Request) -> dict[str, Any]:
+        """Reload this replica's bundle (optionally from another folder). Needs Authorization: Bearer <token>."""
+        if self.admin_token is None:
+            raise RequestError(404, "Not Found")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if not token:
+            raise RequestError(401, "missing 'Authorization: Bearer <token>' header")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.admin_token.encode()):
+            raise RequestError(403, "invalid admin token")
+        body = await read_body(request, self.config.max_body_bytes)
+        try:
+            reload = ReloadRequest.model_validate_json(body or b"{}")
+        except ValidationError as err:
+            raise RequestError(422, validation_message(err)) from None
+        previous = self.engine.versions
+        new = self.config.model_copy(update={"bundle": reload.bundle or self.config.bundle})
+        try:
+            await self.switch(new, force=True)
+        except RecsaeError as err:
+            raise RequestError(422, f"bundle refused, still serving {previous.get('bundle')}: {err}") from None
+        return {"status": "reloaded", "bundle": new.bundle, "versions": self.engine.versions, "previous": previous}
+
+
+DEPLOYMENT_KEYS = ("num_replicas", "replicas", "num_cpus", "max_ongoing_requests")
+
+
+def app_builder(args: dict[str, Any] | None = None) -> Application:
+    """Build the application from `serve run service.app:app_builder bundle=...` arguments or a YAML `args:`
+    block: ServiceConfig fields, plus num_replicas (alias replicas), num_cpus and max_ongoing_requests.
+    `bundle` defaults to $RECSAE_BUNDLE."""
+    args = dict(args or {})
+    if "bundle" not in args and os.environ.get(BUNDLE_ENV):
+        args["bundle"] = os.environ[BUNDLE_ENV]
+    if "bundle" not in args:
+        raise ConfigError(f"service needs a bundle: pass bundle=/path/to/bundle or set ${BUNDLE_ENV}")
+    try:
+        replicas = int(args.pop("num_replicas", args.pop("replicas", 1)))
+        cpus = float(args.pop("num_cpus", 1))
+        ongoing = int(args.pop("max_ongoing_requests", 0))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"service deployment options: {err}") from None
+    if replicas < 1 or cpus < 0:
+        raise ConfigError(f"service needs num_replicas >= 1 and num_cpus >= 0 (got {replicas}, {cpus})")
+    args.setdefault("threads", max(1, int(cpus)))
+    try:
+        cfg = ServiceConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(f"service config: {validation_message(err)}") from None
+    ongoing = max(ongoing, 2 * cfg.max_batch_size, 16)
+    config = cfg.model_dump()
+    return RecsaeService.options(
+        num_replicas=replicas,
+        max_ongoing_requests=ongoing,
+        user_config=config,
+        ray_actor_options={"num_cpus": cpus},
+    ).bind(ongoing)
+
+
+app = app_builder
+"""`import_path: service.app:app` with an `args:` block in a Serve config file works the same as app_builder."""

@@ -1,0 +1,157 @@
+"""`recsae bench serve`: latency and throughput of the real HTTP service, and of the engine alone.
+
+Modes, all through the same HTTP path, batching and engine:
+  bare     the deployment runs with sae=false: ONNX model + ranking only (the original recommender served alone)
+  monitor  SAE on every request (encode + reconstruction error for monitoring), no edits: same items as bare
+  steer    SAE on, and every request carries steering (a bundled policy if one is usable, else two edits)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service.engine import Engine, Row, limit_threads
+from service.local import free_port, start_local
+
+MODES = ("bare", "monitor", "steer")
+ENGINE_BATCHES = (1, 16, 64, 256)
+
+
+def steering_for(engine: Engine) -> dict[str, Any]:
+    """A bundled usable policy, else: ablate the most frequent latent and nudge the second by +1 std."""
+    usable = [p.name for p in engine.catalog.policies.values() if p.error is None]
+    if usable:
+        return {"policy": usable[0]}
+    order = np.argsort(-engine.stats.frequency.numpy())
+    return {"edits": [{"latent": int(order[0]), "op": "ablate"},
+                      {"latent": int(order[1]), "op": "nudge", "value": 1.0, "unit": "std"}]}  # fmt: skip
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def load(url: str, bodies: list[dict], concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
+    """`concurrency` keep-alive clients posting in a closed loop; only requests that start after the warm-up and
+    finish before the end count."""
+    latencies: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+
+        async def worker(seed: int) -> None:
+            nonlocal errors
+            i = seed
+            while (now := time.perf_counter()) < stop_at:
+                body = bodies[i % len(bodies)]
+                i += concurrency
+                try:
+                    response = await client.post("/v1/recommend", json=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                end = time.perf_counter()
+                if now >= measure_from and end <= stop_at:
+                    if ok:
+                        latencies.append((end - now) * 1000)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(worker(s) for s in range(concurrency)))
+    return {
+        "p50_ms": round(_percentile(latencies, 50), 3),
+        "p99_ms": round(_percentile(latencies, 99), 3),
+        "rps": round(len(latencies) / duration, 1),
+        "requests": len(latencies),
+        "errors": errors,
+    }
+
+
+def engine_bench(engine: Engine, repeats: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Median milliseconds per batch for each stage, without and with steering on every row."""
+    rng = np.random.default_rng(seed)
+    n_users = len(engine.bundle.user_ids)
+    body = steering_for(engine)
+    if "policy" in body:
+        edits = engine.catalog.policy(body["policy"]).edits
+    else:
+        edits = [engine.catalog.edit(e["latent"], None, e["op"], e.get("value", 0.0), e.get("unit", "raw"))
+                 for e in body["edits"]]  # fmt: skip
+    out: dict[str, Any] = {}
+    for batch in ENGINE_BATCHES:
+        for mode in ("bare", "monitor", "steer"):
+            rows = [Row(user=int(u), edits=edits if mode == "steer" else []) for u in rng.integers(0, n_users, batch)]
+            runs = [engine.recommend(rows, sae=mode != "bare")[1] for _ in range(repeats + 2)][2:]
+            stages = {k: round(statistics.median(r[k] for r in runs), 4) for k in runs[0]}
+            stages["per_request_us"] = round(stages["total"] * 1000 / batch, 1)
+            out.setdefault(f"batch_{batch}", {})[mode] = stages
+    return out
+
+
+def _bodies(engine: Engine, mode: str, n: int = 512, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    users = rng.choice(engine.bundle.user_ids, size=n)
+    steering = steering_for(engine) if mode == "steer" else None
+    return [{"user_id": str(u), "k": 10, **({"steering": steering} if steering else {})} for u in users]
+
+
+def bench_serve(bundle: Path, duration: float, concurrencies: list[int], warmup: float = 1.0) -> dict[str, Any]:
+    limit_threads(1)  # as in a one-CPU replica
+    engine = Engine.load(bundle, threads=1)
+    result: dict[str, Any] = {
+        "bundle": str(bundle),
+        "versions": engine.versions,
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "engine_ms": engine_bench(engine),
+        "http": {},
+    }
+    service = start_local(bundle, port=free_port(), metrics_port=free_port())
+    try:
+        sae_on = True
+        for concurrency in concurrencies:
+            row: dict[str, Any] = {}
+            for mode in MODES:
+                if (mode != "bare") != sae_on:
+                    sae_on = mode != "bare"
+                    service.update(sae=sae_on)
+                row[mode] = asyncio.run(load(service.url, _bodies(engine, mode), concurrency, duration, warmup))
+            bare = row["bare"]
+            row["ratios"] = {
+                "monitor_p50": _ratio(row["monitor"]["p50_ms"], bare["p50_ms"]),
+                "steer_p50": _ratio(row["steer"]["p50_ms"], bare["p50_ms"]),
+                "monitor_rps": _ratio(row["monitor"]["rps"], bare["rps"]),
+                "steer_rps": _ratio(row["steer"]["rps"], bare["rps"]),
+            }
+            result["http"][str(concurrency)] = row
+        service.update(sae=True)
+        batching: dict[str, Any] = {"concurrency": 32, "mode": "monitor"}
+        for enabled in (True, False):
+            service.update(batching=enabled)
+            batching["batched" if enabled else "unbatched"] = asyncio.run(
+                load(service.url, _bodies(engine, "monitor"), 32, duration, warmup)
+            )
+        batching["rps_ratio"] = _ratio(batching["batched"]["rps"], batching["unbatched"]["rps"])
+        result["batching"] = batching
+    finally:
+        service.stop()
+    return result
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b and np.isfinite(a) and np.isfinite(b) else None
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,105 @@
+"""The `recsae` console entry point: every recsae_core command, plus `serve` and `bench serve`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from recsae_core.cli import build_parser as core_parser
+from recsae_core.cli import command, positive_float, positive_int
+from recsae_core.cli import main as core_main
+from recsae_core.errors import ConfigError
+
+
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
+def concurrency_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return core_parser(extend=add_service_commands)
+
+
+def add_service_commands(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (Ctrl-C stops it)")
+    serve.add_argument("--bundle", required=True, type=Path, help="bundle folder (recsae bundle / pipeline)")
+    serve.add_argument("--port", type=port, default=8000, help="HTTP port")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    serve.add_argument("--replicas", type=positive_int, default=1)
+    serve.add_argument("--metrics-port", type=port, default=8081, help="Prometheus export port of Ray")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    bserve = bench_sub.add_parser("serve", help="latency/throughput of the HTTP service: bare vs monitor vs steer")
+    bserve.add_argument("--bundle", required=True, type=Path)
+    bserve.add_argument("--out", required=True, type=Path, help="JSON report")
+    bserve.add_argument("--duration", type=positive_float, default=10.0, help="measured seconds per run")
+    bserve.add_argument("--warmup", type=positive_float, default=1.0, help="unmeasured seconds before each run")
+    bserve.add_argument("--concurrency", type=concurrency_list, default=[1, 8, 32], help="e.g. 1,8,32")
+
+
+def _check_bundle(folder: Path) -> None:
+    from recsae_core.bundle import load_bundle
+
+    load_bundle(folder)  # a bad bundle fails here in one line, before Ray starts
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.local import start_local
+
+    _check_bundle(args.bundle)
+    service = start_local(args.bundle.resolve(), args.port, args.metrics_port, args.host, args.replicas)
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"recsae: serving {args.bundle} at {service.url}/v1/recommend", flush=True)
+    print(f"recsae: metrics at {service.metrics_url}; Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("recsae: shutting down", file=sys.stderr, flush=True)
+    finally:
+        service.stop()
+    return 0
+
+
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command != "serve":
+        raise ConfigError(f"unknown bench {args.bench_command!r}")
+    from service.bench import bench_serve, write_report
+
+    _check_bundle(args.bundle)
+    result = bench_serve(args.bundle.resolve(), args.duration, args.concurrency, args.warmup)
+    write_report(result, args.out)
+    print(json.dumps({"out": str(args.out), "http": result["http"], "batching": result["batching"]}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return core_main(argv, build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

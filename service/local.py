@@ -1,0 +1,163 @@
+"""Running the service on this machine: a local Ray with a fixed metrics port, the app on loopback.
+
+Deployment goes through a Serve config (the same `ServeDeploySchema` a YAML file, `serve deploy` or KubeRay's
+serveConfigV2 produce), because that is the path on which a changed `user_config` is applied to running replicas
+by `reconfigure()`: `serve.run()` from Python always replaces replicas. The controller client used to apply it is
+the one Ray's own `serve run config.yaml` uses (`ray.serve._private.api.serve_start`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from recsae_core.errors import ConfigError, RecsaeError
+
+APP_NAME = "recsae"
+BUILDER = "service.app:app_builder"
+DEPLOYMENT_ARGS = ("num_replicas", "num_cpus", "max_ongoing_requests")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+QUIET = {"log_level": "WARNING", "enable_access_log": False}
+
+
+def app_config(
+    args: dict[str, Any], user_config: dict[str, Any], name: str = APP_NAME, route_prefix: str = "/", **extra: Any
+) -> dict[str, Any]:
+    """One application of a Serve config: builder args (fixed), service settings in the deployment's user_config."""
+    return {
+        "name": name,
+        "route_prefix": route_prefix,
+        "import_path": BUILDER,
+        "args": args,
+        "deployments": [{"name": "recsae", "user_config": user_config}],
+        "logging_config": QUIET,
+        **extra,
+    }
+
+
+def deploy(config: dict[str, Any], timeout_s: float = 120.0) -> None:
+    """Apply a Serve config and wait until its applications run (or raise naming the failure)."""
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    client = serve_api.serve_start()
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
+    names = {app["name"] for app in config["applications"]}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        statuses = {n: apps[n].status for n in names if n in apps}
+        failed = {n: apps[n].message for n, s in statuses.items() if s in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            raise RecsaeError(f"deployment failed: {failed}")
+        if len(statuses) == len(names) and set(statuses.values()) == {"RUNNING"}:
+            return
+        time.sleep(0.25)
+    raise RecsaeError(f"applications {sorted(names)} not running after {timeout_s:.0f}s")
+
+
+@dataclass
+class LocalService:
+    """A started local service; `update()` reconfigures it in place, `stop()` shuts Serve and Ray down."""
+
+    url: str
+    metrics_url: str
+    args: dict[str, Any]
+    user_config: dict[str, Any] = field(default_factory=dict)
+    extra_apps: list[dict[str, Any]] = field(default_factory=list)
+    """Other applications deployed beside this one (a Serve config lists every application it keeps)."""
+
+    def config(self) -> dict[str, Any]:
+        return {"applications": [app_config(self.args, self.user_config), *self.extra_apps]}
+
+    def update(self, timeout_s: float = 60.0, **changes: Any) -> dict[str, Any]:
+        """Change user_config fields and wait until the replica reports them (or reports refusing them).
+        Returns the replica's /readyz."""
+        self.user_config = {**self.user_config, **changes}
+        started = time.time()
+        deploy(self.config())
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ready = httpx.get(f"{self.url}/readyz", timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                ready = {}
+            applied = all(ready.get("config", {}).get(k) == v for k, v in self.user_config.items())
+            refused = ready.get("last_reload", {}).get("outcome") == "refused"
+            if applied or (refused and ready["last_reload"].get("at", 0) >= started):
+                return ready
+            time.sleep(0.1)
+        raise RecsaeError(f"the service did not apply {changes} within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def start_local(
+    bundle: Path,
+    port: int = 8000,
+    metrics_port: int = 8081,
+    host: str = "127.0.0.1",
+    replicas: int = 1,
+    user_config: dict[str, Any] | None = None,
+    num_cpus: float | None = None,
+    extra_apps: list[dict[str, Any]] | None = None,
+) -> LocalService:
+    """Start Ray (metrics exported on `metrics_port`) and the app on host:port; ports are checked first."""
+    for name, (h, p) in {"--port": (host, port), "--metrics-port": ("127.0.0.1", metrics_port)}.items():
+        if not port_free(h, p):
+            raise ConfigError(f"{name} {p}: {h}:{p} is already in use")
+    import ray
+    from ray import serve
+
+    cpus = os.cpu_count() or 1
+    per_replica = num_cpus if num_cpus is not None else min(1.0, cpus / replicas)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    ray.init(num_cpus=cpus, include_dashboard=False, _metrics_export_port=metrics_port, logging_level=logging.WARNING)
+    args = {"bundle": str(bundle), "num_replicas": replicas, "num_cpus": per_replica}
+    config = {"bundle": str(bundle), "threads": max(1, int(per_replica)), **(user_config or {})}
+    service = LocalService(
+        f"http://{host}:{port}", f"http://127.0.0.1:{metrics_port}/metrics", args, config, list(extra_apps or [])
+    )
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config=QUIET)
+        deploy(service.config())
+    except BaseException as err:
+        serve.shutdown()
+        ray.shutdown()
+        if isinstance(err, Exception) and not isinstance(err, RecsaeError):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+            raise RecsaeError(f"the service failed to start: {first}") from err
+        raise
+    return service

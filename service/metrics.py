@@ -1,0 +1,214 @@
+"""Prometheus metrics of the service, through `ray.serve.metrics` (exported by Ray's metrics agent as `ray_<name>`).
+
+Label sets stay small on purpose: concepts are labelled by name for the first `concept_metric_cap` catalogued
+concepts only (the rest as `other`), never one series per latent; policies come from the bundle; routes are the
+route templates. Every name is documented in docs/service.md.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from service.engine import Engine, Row, RowResult
+
+LATENCY_MS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2500, 5000]
+BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+L0 = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128]
+FVU = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 5]
+POPULARITY = [1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1000, 2000, 5000, 10000]
+SHARE = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+OTHER = "other"
+_CURRENT: dict[str, ServiceMetrics] = {}
+
+
+def register(metrics: ServiceMetrics) -> None:
+    """Make `metrics` this process's (one replica per Ray actor process) for the HTTP middleware.
+
+    A module-level registry here, not in service.app: Ray pickles the deployment class by value, so globals of
+    service.app seen from its methods are copies, while this module is always imported by reference."""
+    _CURRENT["metrics"] = metrics
+
+
+def current() -> ServiceMetrics | None:
+    return _CURRENT.get("metrics")
+
+
+class ConceptLabels:
+    """Latent -> concept label index: the first `cap` catalogued concepts keep their name, later ones share
+    `other`, uncatalogued latents are not counted (their firing shows in the L0 histogram and the drift gauge)."""
+
+    def __init__(self, latent_names: dict[int, str], n_latents: int, cap: int) -> None:
+        self.index = np.full(n_latents, -1, dtype=np.int64)
+        self.labels: list[str] = []
+        names = sorted(latent_names.items())
+        for latent, name in names[:cap]:
+            self.index[latent] = len(self.labels)
+            self.labels.append(name)
+        if len(names) > cap:
+            for latent, _ in names[cap:]:
+                self.index[latent] = len(self.labels)
+            self.labels.append(OTHER)
+
+    def counts(self, active: list[np.ndarray]) -> dict[str, int]:
+        """Requests in which each label fired (a label counts once per request)."""
+        if not active or not self.labels:
+            return {}
+        per_request = [np.unique(self.index[a][self.index[a] >= 0]) for a in active]
+        flat = np.concatenate(per_request) if per_request else np.zeros(0, np.int64)
+        counts = np.bincount(flat, minlength=len(self.labels))
+        return {self.labels[i]: int(c) for i, c in enumerate(counts) if c}
+
+
+class LiveWindow:
+    """Sliding window over the last `size` monitored requests: latent firing counts, ARP and tail share."""
+
+    def __init__(self, train_frequency: np.ndarray, size: int) -> None:
+        self.size = size
+        freq = np.asarray(train_frequency, dtype=np.float64)
+        self.train = freq / freq.sum() if freq.sum() > 0 else freq
+        self.counts = np.zeros(len(freq), dtype=np.int64)
+        self.entries: deque[tuple[np.ndarray, float, float]] = deque()
+        self.arp_sum = self.tail_sum = 0.0
+
+    def add(self, latents: np.ndarray, arp: float, tail_share: float) -> None:
+        self.entries.append((latents, arp, tail_share))
+        np.add.at(self.counts, latents, 1)
+        self.arp_sum += arp
+        self.tail_sum += tail_share
+        if len(self.entries) > self.size:
+            old, old_arp, old_tail = self.entries.popleft()
+            np.subtract.at(self.counts, old, 1)
+            self.arp_sum -= old_arp
+            self.tail_sum -= old_tail
+
+    def drift(self) -> float:
+        """Total-variation distance between the live and the training firing distributions over latents
+        (0 = same mix of latents as in training, 1 = disjoint)."""
+        total = self.counts.sum()
+        if total == 0 or self.train.sum() == 0:
+            return 0.0
+        return float(0.5 * np.abs(self.counts / total - self.train).sum())
+
+    def arp(self) -> float:
+        return self.arp_sum / len(self.entries) if self.entries else 0.0
+
+    def tail_share(self) -> float:
+        return self.tail_sum / len(self.entries) if self.entries else 0.0
+
+
+def policy_label(row: Row) -> str:
+    if row.policy is not None:
+        return row.policy
+    return "custom" if row.edits else "none"
+
+
+class ServiceMetrics:
+    """All recsae_* metrics of one replica."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter(
+            "recsae_requests",
+            "HTTP requests by route, method, outcome and policy",
+            tag_keys=("route", "method", "outcome", "policy"),
+        )
+        self.request_latency = Histogram(
+            "recsae_request_latency_ms", "Replica-side request latency (ms)", boundaries=LATENCY_MS, tag_keys=("route",)
+        )
+        self.stage_latency = Histogram(
+            "recsae_stage_latency_ms",
+            "Engine time per batch and stage (ms)",
+            boundaries=LATENCY_MS,
+            tag_keys=("stage",),
+        )
+        self.batch_size = Histogram("recsae_batch_size", "Requests per engine batch", boundaries=BATCH_SIZES)
+        self.l0 = Histogram("recsae_sae_l0", "Active SAE latents per request", boundaries=L0)
+        self.fvu = Histogram("recsae_sae_fvu", "Per-request reconstruction FVU", boundaries=FVU)
+        self.concepts = Counter(
+            "recsae_concept_activations", "Requests in which a catalogued concept fired", tag_keys=("concept",)
+        )
+        self.edits = Counter("recsae_steering_edits", "Latent edits applied, by op", tag_keys=("op",))
+        self.served = Counter("recsae_served_items", "Items served", tag_keys=("policy",))
+        self.served_tail = Counter("recsae_served_tail_items", "Tail items served", tag_keys=("policy",))
+        self.list_arp = Histogram(
+            "recsae_list_arp",
+            "Mean training popularity of one served list",
+            boundaries=POPULARITY,
+            tag_keys=("policy",),
+        )
+        self.list_tail = Histogram(
+            "recsae_list_tail_share", "Tail share of one served list", boundaries=SHARE, tag_keys=("policy",)
+        )
+        self.live_arp = Gauge("recsae_live_arp", "ARP over the live window")
+        self.live_tail = Gauge("recsae_live_tail_share", "Tail share over the live window")
+        self.drift = Gauge("recsae_latent_drift", "TV distance of live vs training latent firing (window)")
+        self.window_requests = Gauge("recsae_live_window_requests", "Monitored requests in the live window")
+        self.bundle_info = Gauge(
+            "recsae_bundle_info", "1 for the bundle being served", tag_keys=("bundle", "model", "sae")
+        )
+        self.reloads = Counter("recsae_bundle_reloads", "Bundle (re)loads by outcome", tag_keys=("outcome",))
+        self.labels: ConceptLabels | None = None
+        self.window: LiveWindow | None = None
+        self._info: dict[str, str] | None = None
+
+    def use_engine(self, engine: Engine, concept_cap: int, window: int) -> None:
+        """Reset the per-bundle state (labels, live window, bundle info) for a newly served engine."""
+        self.labels = ConceptLabels(engine.catalog.latent_name, engine.n_latents, concept_cap)
+        self.window = LiveWindow(engine.stats.frequency.numpy(), window)
+        self._info = {k: str(engine.versions.get(k)) for k in ("bundle", "model", "sae")}
+        self.refresh()
+
+    def request(self, route: str, method: str, outcome: str, policy: str, latency_ms: float) -> None:
+        self.requests.inc(1, tags={"route": route, "method": method, "outcome": outcome, "policy": policy})
+        self.request_latency.observe(latency_ms, tags={"route": route})
+
+    def batch(self, engine: Engine, rows: list[Row], results: list[RowResult], timings: dict[str, float]) -> None:
+        for stage, value in timings.items():
+            self.stage_latency.observe(value, tags={"stage": stage})
+        self.batch_size.observe(len(rows))
+        active = []
+        for row, result in zip(rows, results, strict=True):
+            policy = policy_label(row)
+            items = result.items
+            arp = float(engine.popularity[items].mean()) if len(items) else 0.0
+            tail = float((~engine.head[items]).mean()) if len(items) else 0.0
+            n_tail = int((~engine.head[items]).sum())
+            if len(items):
+                self.served.inc(len(items), tags={"policy": policy})
+                self.list_arp.observe(arp, tags={"policy": policy})
+                self.list_tail.observe(tail, tags={"policy": policy})
+            if n_tail:
+                self.served_tail.inc(n_tail, tags={"policy": policy})
+            for edit in row.edits:
+                self.edits.inc(1, tags={"op": edit.op})
+            if result.fvu is None:
+                continue  # bare mode: nothing monitored
+            self.l0.observe(len(result.latents))
+            self.fvu.observe(result.fvu)
+            active.append(result.latents)
+            if self.window is not None:
+                self.window.add(result.latents, arp, tail)
+        if self.labels is not None:
+            for concept, count in self.labels.counts(active).items():
+                self.concepts.inc(count, tags={"concept": concept})
+        if active:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Re-export the gauges: Ray's metrics agent drops a gauge that has not been set for two export
+        intervals, so the replica calls this periodically as well as after each batch."""
+        if self._info is not None:
+            self.bundle_info.set(1, tags=self._info)
+        if self.window is not None and self.window.entries:
+            self.drift.set(self.window.drift())
+            self.live_arp.set(self.window.arp())
+            self.live_tail.set(self.window.tail_share())
+            self.window_requests.set(len(self.window.entries))
+
+    def reload(self, outcome: str) -> None:
+        self.reloads.inc(1, tags={"outcome": outcome})
