@@ -203,6 +203,7 @@ class RecsaeService:
             self.engine, self.config = engine, new
             if changed:
                 self.metrics.use_engine(engine, *windows)
+                self.metrics.steering_switch(new.steering)
             self._apply_batching()
 
     # ------------------------------------------------------------- recommend
@@ -224,7 +225,7 @@ class RecsaeService:
 
     async def _serve(self, request: Request, parsed: RecommendRequest) -> JSONResponse:
         engine, cfg = self.engine, self.config
-        row = engine.parse(parsed, sae=cfg.sae)
+        row = engine.parse(parsed, sae=cfg.sae, steering_enabled=cfg.steering)
         request.state.policy = policy_label(row)
         if cfg.batching:
             result, timings = await self._batched((engine, row, cfg.sae))

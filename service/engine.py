@@ -48,6 +48,8 @@ class Row:
     edits: list[Edit] = field(default_factory=list)
     explain: bool = False
     policy: str | None = None
+    suppressed: bool = False
+    """Steering was asked for but the kill switch is on: served unsteered."""
 
 
 @dataclass
@@ -100,8 +102,9 @@ class Engine:
 
     # ---------------------------------------------------------------- parsing
 
-    def parse(self, request: RecommendRequest, sae: bool = True) -> Row:
-        """Resolve ids, concepts and policies; raise RequestError (404 unknown id, 422 invalid, 409 SAE off)."""
+    def parse(self, request: RecommendRequest, sae: bool = True, steering_enabled: bool = True) -> Row:
+        """Resolve ids, concepts and policies; raise RequestError (404 unknown id, 422 invalid, 409 SAE off).
+        With the steering kill switch on (steering_enabled false) edits are validated but not applied."""
         steering = request.steering
         wants_sae = (steering is not None and not steering.empty) or request.explain
         if wants_sae and not sae:
@@ -127,8 +130,10 @@ class Engine:
             row.history = np.asarray(items, dtype=np.int64)
         if steering is not None and not steering.empty:
             edits = [self.catalog.edit(e.latent, e.concept, e.op, e.value, e.unit) for e in steering.edits]
-            row.edits = self.catalog.resolve_steering(steering.policy, edits, self.bounds, self.stats)
+            resolved = self.catalog.resolve_steering(steering.policy, edits, self.bounds, self.stats)
             row.policy = steering.policy
+            row.suppressed = not steering_enabled
+            row.edits = resolved if steering_enabled else []
         return row
 
     # ---------------------------------------------------------------- compute
@@ -253,6 +258,8 @@ class Engine:
                 entry["original_rank"] = int(result.original_ranks[rank - 1])
             items.append(entry)
         out: dict[str, Any] = {"items": items, "steering_applied": steered, "policy": row.policy}
+        if row.suppressed:
+            out["steering_suppressed"] = "steering is switched off on this deployment (kill switch)"
         if row.explain:
             out["explanation"] = self.explanation(row, result, explain_top)
         out["versions"] = self.versions

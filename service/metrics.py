@@ -152,6 +152,11 @@ class ServiceMetrics:
             "recsae_bundle_info", "1 for the bundle being served", tag_keys=("bundle", "model", "sae")
         )
         self.reloads = Counter("recsae_bundle_reloads", "Bundle (re)loads by outcome", tag_keys=("outcome",))
+        self.steering_enabled = Gauge("recsae_steering_enabled", "0 while the steering kill switch is on, else 1")
+        self.steering_suppressed = Counter(
+            "recsae_steering_suppressed", "Steering requests served unsteered because of the kill switch"
+        )
+        self._steering = 1.0
         self.labels: ConceptLabels | None = None
         self.window: LiveWindow | None = None
         self._info: dict[str, str] | None = None
@@ -174,6 +179,8 @@ class ServiceMetrics:
         active = []
         for row, result in zip(rows, results, strict=True):
             policy = policy_label(row)
+            if row.suppressed:
+                self.steering_suppressed.inc(1)
             items = result.items
             arp = float(engine.popularity[items].mean()) if len(items) else 0.0
             tail = float((~engine.head[items]).mean()) if len(items) else 0.0
@@ -204,11 +211,16 @@ class ServiceMetrics:
         intervals, so the replica calls this periodically as well as after each batch."""
         if self._info is not None:
             self.bundle_info.set(1, tags=self._info)
+        self.steering_enabled.set(self._steering)
         if self.window is not None and self.window.entries:
             self.drift.set(self.window.drift())
             self.live_arp.set(self.window.arp())
             self.live_tail.set(self.window.tail_share())
             self.window_requests.set(len(self.window.entries))
+
+    def steering_switch(self, enabled: bool) -> None:
+        self._steering = 1.0 if enabled else 0.0
+        self.steering_enabled.set(self._steering)
 
     def reload(self, outcome: str) -> None:
         self.reloads.inc(1, tags={"outcome": outcome})

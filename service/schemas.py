@@ -31,6 +31,9 @@ class ServiceConfig(BaseModel):
     max_scale: float = Field(10.0, gt=0, le=1000, description="bound on |scale| factors")
     explain_top: int = Field(8, ge=1, le=256, description="latents listed by explain")
     sae: bool = Field(True, description="false = bare mode: the SAE is skipped (no monitoring, steering, explain)")
+    steering: bool = Field(
+        True, description="false = kill switch: steering is ignored and every request gets the original ranking"
+    )
     batching: bool = Field(True, description="group concurrent requests with @serve.batch")
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)

@@ -331,6 +331,29 @@ def test_bare_mode_skips_the_sae_and_serves_the_same_items(live: Live) -> None:
     assert refused.status_code == 409 and "sae=false" in refused.json()["detail"]
 
 
+def test_kill_switch_serves_steering_requests_unsteered(live: Live) -> None:
+    plain = live.post({"user_id": live.user(41), "k": 10}).json()
+    steer = {
+        "user_id": live.user(41),
+        "k": 10,
+        "steering": {"edits": [{"latent": 0, "op": "nudge", "value": 5, "unit": "std"}]},
+    }
+    try:
+        live.service.update(steering=False)
+        suppressed = live.post(steer)
+        invalid = live.post({**steer, "steering": {"edits": [{"latent": 0, "op": "explode", "value": 1}]}})
+    finally:
+        live.service.update(steering=True)
+    body = suppressed.json()
+    assert (
+        suppressed.status_code == 200
+        and body["steering_applied"] is False
+        and "kill switch" in body["steering_suppressed"]
+    )
+    assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in plain["items"]]
+    assert invalid.status_code == 422  # edits are still validated while switched off
+
+
 def test_admin_reload_needs_the_token(live: Live, tmp_path: Path) -> None:
     missing = live.client.post("/admin/reload", json={})
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
