@@ -107,6 +107,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     sweep.add_argument("--widths", default="1024", help="comma-separated latent counts")
     sweep.add_argument("--out", required=True, type=Path, help="JSON file; an .html page is written beside it")
     add_sae_options(sweep)
+
+    deb = sub.add_parser("debias", help="find bias latents, sweep a steering policy against baselines, save it")
+    deb.add_argument("--run", required=True, type=Path, help="run folder with recommender + SAE")
+    deb.add_argument("--target", required=True, choices=["popularity", "gender"])
+    deb.add_argument("--budget", type=positive_float, default=0.02, help="max relative NDCG@10 loss (validation)")
+    deb.add_argument("--fdr", type=positive_float, default=0.05, help="Benjamini-Hochberg false discovery rate")
+    deb.add_argument("--quiet", action="store_true", help="no progress bars")
     if extend is not None:
         extend(sub)
     return parser
@@ -252,6 +259,27 @@ def cmd_sae_sweep(args: argparse.Namespace) -> int:
     result = sweep_sae(args.run, ks, widths, sae_options(args), args.out)
     for point in result["points"]:
         print(json.dumps(point))
+    return 0
+
+
+@command("debias")
+def cmd_debias(args: argparse.Namespace) -> int:
+    from recsae_core.debias import debias
+
+    if not args.budget < 1:
+        raise ConfigError(f"--budget is a relative NDCG@10 loss in (0, 1), got {args.budget}")
+    if not args.fdr < 1:
+        raise ConfigError(f"--fdr is a false discovery rate in (0, 1), got {args.fdr}")
+    result = debias(
+        args.run, args.target, args.budget, fdr=args.fdr, progress=not args.quiet,
+        log=lambda message: print(message, file=sys.stderr),
+    )  # fmt: skip
+    keys = ("policy", "version", "strength", "ndcg_rel_loss", "metrics")
+    chosen = result.get("chosen") or {}
+    print(json.dumps({
+        "target": result["target"], "original": result["original"], "chosen": {k: chosen.get(k) for k in keys},
+        "baselines_at_budget": result["baselines_at_budget"], "report": str(args.run / "debias" / "report.html"),
+    }))  # fmt: skip
     return 0
 
 

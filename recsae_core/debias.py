@@ -3,6 +3,13 @@ strength against re-ranking baselines, and save the policy the service applies b
 
 Everything is selected on the validation stage (latent association, causal screen, operating point); the test
 stage is only measured. Policies are applied exactly as the service applies them (Intervener, error-preserving).
+
+Policy families and what "strength" means:
+- popularity: nudges in std units on the n best-screened latents, either each latent's own screened direction
+  (+-1 std, "screened") or least-squares weights that make the nudges act like a popularity penalty ("fit");
+  strength multiplies every value. The sweep covers n and strength.
+- gender: each of the n best-screened latents is pinned at its dev mean (std units), which removes that latent's
+  variation across users (and so its gender signal) without shifting the average h; strength = n.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsae_core.bundle import BundleContents, InputSpec, read_tensors
+from recsae_core.bundle import BundleContents, InputSpec, read_tensors, sha256_file
 from recsae_core.errors import ArtifactError, DataError
 from recsae_core.evaluate import make_batch, pad_histories
 from recsae_core.probe import h_output, load_inputs, open_onnx
@@ -97,6 +97,7 @@ def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple
     meta = {
         "dataset": ctx.config["dataset"],
         "model": model.name,
+        "recommender_sha256": sha256_file(ctx.root / "recommender" / "model.safetensors"),
         "protocol": ctx.config["protocol"],
         "seed": ctx.config["seed"],
     }

@@ -1,0 +1,200 @@
+"""De-biasing: the FDR procedure, latent association, and on a small real run (SASRec on ML-100K, 128-latent SAE)
+the debias sweep, the policy's effect, its round trip through the service catalog, refusal of a mismatched policy,
+and (slow) the policy applied by name over HTTP.
+
+Set RECSAE_TEST_RUN to a run folder with recommender/ probe/ sae/ to skip building one (it is copied first).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from _shared_runs import trained_run
+
+from recsae_core.bias_metrics import popularity_metrics
+from recsae_core.debias import associate, benjamini_hochberg, debias, made_for, sha256_of
+from recsae_core.intervention import Edit, EditBounds, Intervener
+from recsae_core.pipeline import SAEOptions, probe_step, sae_step
+from recsae_core.runs import load_run
+from recsae_core.sae import TopKSAE
+from recsae_core.sae_train import STATS_FILE, load_stats
+from service.catalog import Catalog, RequestError
+
+RUN_ENV = "RECSAE_TEST_RUN"
+
+
+@pytest.fixture(scope="session")
+def debias_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A run with recommender, probe and a 128-latent SAE, and its popularity debias result (budget 20%: a tiny
+    run's NDCG is noisy, and these tests need a written policy, not a figure)."""
+    run = tmp_path_factory.mktemp("debias-run")
+    if os.environ.get(RUN_ENV):
+        source = Path(os.environ[RUN_ENV])
+        for name in ("recommender", "probe", "sae"):
+            shutil.copytree(source / name, run / name)
+    else:
+        shutil.copytree(trained_run(tmp_path_factory, "sasrec") / "recommender", run / "recommender")
+        probe_step(run, progress=False)
+        sae_step(run, SAEOptions(n_latents=128, k=4, epochs=3, progress=False))
+    result = debias(run, "popularity", budget=0.2, max_candidates=6, progress=False, strengths=(0.5, 1.0, 2.0),
+                    log=lambda _: None)  # fmt: skip
+    return run, result
+
+
+def test_benjamini_hochberg_constructed() -> None:
+    reject, adjusted = benjamini_hochberg(np.array([0.001, 0.01, 0.02, 0.5]), q=0.05)
+    assert reject.tolist() == [True, True, True, False]  # thresholds 0.0125, 0.025, 0.0375, 0.05
+    # Step-up: the smallest p fails its own threshold (0.0167) but is rejected with the second (0.03 <= 0.0333).
+    reject, adjusted = benjamini_hochberg(np.array([0.03, 0.9, 0.03]), q=0.05)
+    assert reject.tolist() == [True, False, True]
+    assert adjusted.tolist() == pytest.approx([0.045, 0.9, 0.045])
+    assert not benjamini_hochberg(np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.5]), q=0.05)[0].any()
+
+
+def test_fdr_is_controlled_on_simulated_latents() -> None:
+    rng = np.random.default_rng(1)
+    n, n_true = 2000, 100
+    groups = np.arange(n) % 2 == 0
+    z = rng.normal(size=(n, 1000))
+    z[groups, :n_true] += 0.4  # only the first 100 latents differ between the groups
+    assoc = associate(z, groups, ~groups, q=0.05)
+    discoveries = np.flatnonzero(assoc.significant)
+    false = np.sum(discoveries >= n_true)
+    assert len(discoveries) >= 80 and false / len(discoveries) <= 0.1
+    assert np.all(assoc.d[:n_true] > 0.2)
+
+
+def test_report_layout(debias_run: tuple[Path, dict]) -> None:
+    run, _ = debias_run
+    saved = json.loads((run / "debias" / "popularity.json").read_text())
+    assert {"original", "sweep", "chosen", "baselines_at_budget"} <= set(saved)
+    assert {"ndcg@10", "arp@10", "tail_share@10", "gini@10", "coverage@10"} <= set(saved["original"])
+    methods = {p["method"] for p in saved["sweep"]}
+    assert methods == {"recsae-policy", "popularity-penalty", "xquad", "popsteer"}
+    assert all({"method", "strength", "metrics"} <= set(p) for p in saved["sweep"])
+    assert set(saved["baselines_at_budget"]) == {"popularity-penalty", "xquad", "popsteer"}
+    chosen = saved["chosen"]
+    assert chosen["policy"] == "popularity" and chosen["dev_ndcg_rel_loss"] <= 0.2
+    assert {"policy", "strength", "metrics", "ndcg_rel_loss"} <= set(chosen)
+    assert "data:image/png;base64" in (run / "debias" / "report.html").read_text()
+
+
+def test_policy_lowers_popularity_as_served(debias_run: tuple[Path, dict]) -> None:
+    """The saved policy, applied through the Intervener (as the service does), lowers ARP and raises the tail share
+    of the test lists."""
+    run, result = debias_run
+    policy = json.loads((run / "policies" / "popularity.json").read_text())
+    assert policy["version"] >= 1 and policy["target"] == "popularity" and policy["made_for"] == made_for(load_run(run))
+    ctx = load_run(run)
+    sae = TopKSAE.load(run / "sae")
+    intervener = Intervener(sae, load_stats(run / "sae" / STATS_FILE, sae.cfg.n_latents))
+    edits = [Edit(**e) for e in policy["edits"]]
+    from recsae_core.evaluate import make_batch, mask_seen
+
+    seen = ctx.split.seen("test")
+    users = np.flatnonzero(ctx.split.targets("test").lengths > 0)
+    with torch.no_grad():
+        h = ctx.model.represent(make_batch(ctx.model, users, seen, "cpu"))
+        before = mask_seen(ctx.model.score(h), users, seen).topk(10, dim=1).indices.numpy()
+        steered = intervener.steer_all(h, edits).h_new
+        after = mask_seen(ctx.model.score(steered), users, seen).topk(10, dim=1).indices.numpy()
+    popularity = ctx.split.item_popularity()
+    m0, m1 = popularity_metrics(before, popularity), popularity_metrics(after, popularity)
+    assert m1["arp@10"] < m0["arp@10"] and m1["tail_share@10"] > m0["tail_share@10"]
+    assert m1["arp@10"] == pytest.approx(result["chosen"]["metrics"]["arp@10"], rel=1e-4)
+
+
+def test_gender_report_keys_and_constraint(debias_run: tuple[Path, dict]) -> None:
+    """The gender target reports leakage of lists and of histories and the NDCG gap; any chosen policy keeps the
+    dev gap from widening and stays within budget on dev."""
+    run, _ = debias_run
+    result = debias(run, "gender", budget=0.2, max_candidates=4, progress=False, log=lambda _: None)
+    assert {"leakage_auc", "history_leakage_auc", "ndcg_gap"} <= set(result["original"])
+    assert 0.0 <= result["original"]["leakage_auc"] <= 1.0 and result["original"]["history_leakage_auc"] > 0.5
+    assert set(result["pareto"]) == {"leakage_distance", "ndcg_gap"}
+    if result["chosen"]["policy"] is not None:
+        assert result["chosen"]["dev_metrics"]["ndcg_gap"] <= result["original_dev"]["ndcg_gap"] + 1e-12
+        assert result["chosen"]["dev_ndcg_rel_loss"] <= 0.2
+
+
+def _fake_bundle(run: Path, policies: dict[str, dict]) -> SimpleNamespace:
+    """What Catalog reads from a bundle: manifest (as write_bundle makes it from this run), catalog, policies."""
+    ctx = load_run(run)
+    manifest = {
+        "dataset": ctx.config["dataset"],
+        "model_type": ctx.model.name,
+        "files": {"sae/sae_weights.safetensors": sha256_of(run / "sae" / "sae_weights.safetensors")},
+        "provenance": {},
+    }
+    return SimpleNamespace(manifest=manifest, catalog=None, policies=policies)
+
+
+def test_policy_round_trip_and_refusal(debias_run: tuple[Path, dict]) -> None:
+    run, _ = debias_run
+    policy = json.loads((run / "policies" / "popularity.json").read_text())
+    sae = TopKSAE.load(run / "sae")
+    stats = load_stats(run / "sae" / STATS_FILE, sae.cfg.n_latents)
+    other_sae = copy.deepcopy(policy)
+    other_sae["made_for"]["sae_sha256"] = "0" * 64
+    other_model = copy.deepcopy(policy)
+    other_model["made_for"]["model_type"] = "lightgcn"
+    hand_written = {"description": "no provenance", "edits": policy["edits"]}
+    bundle = _fake_bundle(run, {"popularity": policy, "other-sae": other_sae, "other-model": other_model,
+                                "hand": hand_written})  # fmt: skip
+    catalog = Catalog(bundle, stats, sae.cfg.n_latents, EditBounds())
+    assert [Edit(**e) for e in policy["edits"]] == catalog.policy("popularity").edits
+    assert catalog.policy("hand").edits == catalog.policy("popularity").edits
+    for name, needle in (("other-sae", "made for sae 0000000000000000"), ("other-model", "made for model type")):
+        with pytest.raises(RequestError) as err:
+            catalog.policy(name)
+        assert err.value.status == 422 and needle in err.value.message
+
+
+@pytest.mark.slow
+def test_policy_by_name_over_http(debias_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """recsae bundle takes RUN_DIR/policies; the service applies the policy by name (GET ?policy= and POST
+    steering.policy) and refuses a policy made for another SAE."""
+    import httpx
+
+    from recsae_core.pipeline import bundle_step
+    from service.local import free_port, start_local
+
+    run, _ = debias_run
+    work = tmp_path / "run"
+    shutil.copytree(run, work, ignore=shutil.ignore_patterns("bundle", "debias"))
+    foreign = json.loads((work / "policies" / "popularity.json").read_text())
+    foreign["made_for"]["sae_sha256"] = "f" * 64
+    (work / "policies" / "foreign.json").write_text(json.dumps(foreign))
+    bundle = Path(bundle_step(work)["bundle"])
+    service = start_local(bundle, free_port(), free_port(), num_cpus=0.5)
+    try:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            policies = {p["name"]: p for p in client.get("/v1/policies").json()["policies"]}
+            assert policies["popularity"]["usable"] and not policies["foreign"]["usable"]
+            assert "made for sae" in policies["foreign"]["error"]
+            users = json.loads((bundle / "users.json").read_text())["ids"][:40]
+            items = json.loads((bundle / "items.json").read_text())
+            popularity = dict(zip(items["ids"], items["popularity"], strict=True))
+            plain, steered = [], []
+            for user in users:
+                base = client.get("/v1/recommend", params={"user_id": user, "k": 10}).json()
+                body = client.get("/v1/recommend", params={"user_id": user, "k": 10, "policy": "popularity"}).json()
+                post = client.post("/v1/recommend", json={"user_id": user, "k": 10,
+                                                          "steering": {"policy": "popularity"}}).json()  # fmt: skip
+                assert body["policy"] == "popularity" and body["steering_applied"]
+                assert [i["item_id"] for i in post["items"]] == [i["item_id"] for i in body["items"]]
+                plain += [popularity[i["item_id"]] for i in base["items"]]
+                steered += [popularity[i["item_id"]] for i in body["items"]]
+            assert np.mean(steered) < np.mean(plain)
+            refused = client.get("/v1/recommend", params={"user_id": users[0], "policy": "foreign"})
+            assert refused.status_code == 422 and "made for sae" in refused.json()["detail"]
+    finally:
+        service.stop()
