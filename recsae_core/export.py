@@ -97,10 +97,12 @@ def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple
     meta = {
         "dataset": ctx.config["dataset"],
         "model": model.name,
-        "recommender_sha256": sha256_file(ctx.root / "recommender" / "model.safetensors"),
         "protocol": ctx.config["protocol"],
         "seed": ctx.config["seed"],
     }
+    checkpoint = ctx.root / "recommender" / "model.safetensors"
+    if checkpoint.is_file():  # policies record the checkpoint they were made for; the service compares
+        meta["recommender_sha256"] = sha256_file(checkpoint)
     contents = BundleContents(
         onnx_path=onnx_path,
         inputs=inputs,

@@ -59,7 +59,7 @@ def app_config(
     }
 
 
-def deploy(config: dict[str, Any], timeout_s: float = 120.0) -> None:
+def deploy(config: dict[str, Any], timeout_s: float = 300.0) -> None:
     """Apply a Serve config and wait until its applications run (or raise naming the failure)."""
     from ray import serve
     from ray.serve._private import api as serve_api

@@ -183,7 +183,7 @@ def live_stack(tools: None, bundle: Path, tmp_path_factory: pytest.TempPathFacto
     try:
         config = serve_config(bundle, port)
         serve.start(http_options=copy.deepcopy(config["http_options"]), logging_config=config["logging_config"])
-        deploy(config, timeout_s=120)
+        deploy(config, timeout_s=300)
         proc = subprocess.Popen(
             [
                 "prometheus",
