@@ -16,12 +16,12 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
-from recsae_core.artifacts import write_json
+from recsae_core.artifacts import read_json, write_json
 from recsae_core.concepts import (
     LatentSamples,
     SampleOptions,
@@ -37,15 +37,17 @@ from recsae_core.concepts import (
     top1_items,
     top_units,
 )  # fmt: skip
-from recsae_core.errors import ConfigError
+from recsae_core.errors import ArtifactError, ConfigError, RecsaeError
 from recsae_core.labelers import Simulator, TermSpace, llm_label, make_tfidf_label, tfidf_terms
-from recsae_core.llm_client import LLMClient, LLMOptions
 from recsae_core.probe import PROBE, load_activations
 from recsae_core.report import figure_html, page, table_html
 from recsae_core.runs import RunContext, load_run
 from recsae_core.sae import TopKSAE
 from recsae_core.sae_train import STATS_FILE, load_stats, random_sae
-from recsae_core.scoring import Labelled, mean_coherence, score_latent, summarize
+from recsae_core.scoring import Labelled, coherence_summary, label_metrics, score_latent
+
+if TYPE_CHECKING:  # httpx is only needed with the language-model labeler
+    from recsae_core.llm_client import LLMClient, LLMOptions
 
 CONCEPTS, CATALOG, REPORT, LLM_CACHE = "concepts", "catalog.json", "report.html", "llm_cache"
 LABELERS = ("tfidf", "llm")
@@ -77,12 +79,14 @@ class CatalogOptions:
     """Progress bars."""
 
 
-def unique_names(names: list[str]) -> list[str]:
-    """Suffix -2, -3 ... on repeats (case-insensitively), in order."""
+def unique_names(names: list[str], longer: list[tuple[str, ...]] | None = None) -> list[str]:
+    """Unique names (case-insensitively), in order: a taken name is replaced by its first free longer form, else
+    suffixed -2, -3 ..."""
     seen: set[str] = set()
     out = []
-    for name in names:
-        candidate, n = name, 1
+    for i, name in enumerate(names):
+        free = [c for c in (name, *(longer[i] if longer else ())) if c.casefold() not in seen]
+        candidate, n = (free[0] if free else name), 1
         while candidate.casefold() in seen:
             n += 1
             candidate = f"{name}-{n}"
@@ -140,6 +144,12 @@ class Prepared(NamedTuple):
 
 def prepare(run_dir: Path, o: CatalogOptions) -> Prepared:
     """Encode every sample, pick samples per latent and coherence units, compute top-1 items and terms."""
+    if not (run_dir / "recommender" / "config.json").is_file():
+        raise ArtifactError(f"{run_dir}: no trained recommender here (run 'recsae pipeline' or the steps first)")
+    for needed_file, step in (("probe/meta.json", "probe"), ("sae/sae_weights.safetensors", "SAE")):
+        if not (run_dir / needed_file).is_file():
+            raise ArtifactError(f"{run_dir / needed_file}: missing; run 'recsae train-sae --run {run_dir}' first "
+                                f"(the catalog needs the run's {step})")  # fmt: skip
     ctx = load_run(run_dir)
     h, users, positions = load_activations(run_dir / PROBE)
     sae = TopKSAE.load(run_dir / "sae")
@@ -187,7 +197,7 @@ def tfidf_labels(p: Prepared, o: CatalogOptions) -> tuple[dict[int, Labelled], d
         threshold = sim.calibrate(p.rows(s.describe), p.rows(s.calibrate_neg))
         held = (s.paper_pos, s.paper_neg, s.detect_pos, s.detect_neg)
         scores = score_latent(*(sim.score(p.rows(a)) for a in held), threshold)
-        labels[s.latent] = Labelled(label.name, label.description, scores, threshold)
+        labels[s.latent] = Labelled(label.name, label.description, scores, threshold, label.longer)
         terms_of[s.latent] = [{"term": t.term, "share": round(t.share, 4), "background": round(t.background, 4),
                                "lift": round(t.lift, 3)} for t in terms]  # fmt: skip
     return labels, terms_of
@@ -204,10 +214,17 @@ def build_catalog(
     out_dir = run_dir / CONCEPTS
     client = None
     if labeler == "llm":  # fail on a bad endpoint before any heavy work
+        from recsae_core.llm_client import LLMClient, LLMOptions
+
         client = LLMClient(replace(llm or LLMOptions(), cache_dir=out_dir / LLM_CACHE))
         client.check()
-    p = prepare(run_dir, o)
-    tfidf, terms_of = tfidf_labels(p, o)
+    try:
+        p = prepare(run_dir, o)
+        tfidf, terms_of = tfidf_labels(p, o)
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
     llm_labels: dict[int, Labelled] = {}
     usage: dict[str, Any] = {}
     if client is not None:
@@ -219,8 +236,10 @@ def build_catalog(
 
     final = {j: llm_labels.get(j, tfidf[j]) for j in tfidf}
     bg_mean = background_mean(p)
-    names = unique_names([final[s.latent].name for s in p.chosen])
+    names = unique_names([final[s.latent].name for s in p.chosen], [final[s.latent].longer for s in p.chosen])
     titles = p.ctx.dataset.item_meta.titles
+    train = p.ctx.split.train
+    last = train.values[np.minimum(train.indptr[p.users] + p.positions, len(train.values) - 1)]
     concepts = []
     for s, name in zip(p.chosen, names, strict=True):
         lab = final[s.latent]
@@ -229,30 +248,32 @@ def build_catalog(
             "confidence": lab.scores.confidence, "auc": None if lab.scores.auc is None else round(lab.scores.auc, 4),
             "frequency": round(float(p.frequency[s.latent]), 6),
             "labeler": "llm" if s.latent in llm_labels else "tfidf",
-            "examples": {"recommended": recommended_examples(p.top1[s.describe], titles)},
+            "examples": {"recommended": recommended_examples(p.top1[s.describe], titles),
+                         "last_watched": recommended_examples(last[s.describe], titles)},
             "skew": _skew(p.space, p.rows(s.describe), bg_mean, p.top1[s.describe], p.top1[p.background]),
             "held_out": {"paper": list(lab.scores.n_paper), "detection": list(lab.scores.n_detect)},
         })  # fmt: skip
-    by_labeler = {"tfidf": _metrics(list(tfidf.values()), len(p.live))}
+    by_labeler = {"tfidf": label_metrics(list(tfidf.values()), len(p.live))}
     if llm_labels:
-        by_labeler["llm"] = _metrics(list(llm_labels.values()), len(llm_labels))
-        by_labeler["tfidf_same_latents"] = _metrics([tfidf[j] for j in llm_labels], len(llm_labels))
+        by_labeler["llm"] = label_metrics(list(llm_labels.values()), len(llm_labels))
+        by_labeler["tfidf_same_latents"] = label_metrics([tfidf[j] for j in llm_labels], len(llm_labels))
     main = by_labeler["llm" if llm_labels else "tfidf"]
     summary = {
         "live_latents": len(p.live), "n_latents": p.n_latents, "labelled": main["scored"],
         **{k: main[k] for k in ("mean_confidence", "share_confidence_ge_0.8", "share_confidence_ge_0.9", "mean_auc")},
-        "coherence": _coherence(p, [c["confidence"] for c in concepts], o.high_confidence),
+        "coherence": coherence_summary(p.h, p.top1, p.units, [c["confidence"] for c in concepts], o.high_confidence),
         "by_labeler": by_labeler, "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     if usage:
         summary["llm"] = usage
     body = json.dumps({"labeler": labeler, "concepts": concepts}, sort_keys=True)
-    digest = hashlib.sha256((body + _file_sha(run_dir / "sae" / "sae_weights.safetensors")).encode()).hexdigest()
+    sae_sha = _file_sha(run_dir / "sae" / "sae_weights.safetensors")
+    digest = hashlib.sha256((body + sae_sha).encode()).hexdigest()
     n_paper, n_detect = o.samples.n_paper, o.samples.n_detect
     catalog = {
         "version": digest[:16], "labeler": labeler,
         "run": {"dataset": p.ctx.config.get("dataset"), "model": p.ctx.model.name, "n_samples": len(p.users),
-                "sae": {"n_latents": p.n_latents, "k": p.k}},
+                "sae": {"n_latents": p.n_latents, "k": p.k, "weights_sha256": sae_sha}},
         "protocol": {"paper": f"{n_paper} activating + {n_paper} inactive held-out samples, confidence = accuracy",
                      "detection": f"ROC-AUC over <= {n_detect} activating + {n_detect} inactive held-out samples",
                      "describing": o.samples.n_describe},
@@ -261,6 +282,23 @@ def build_catalog(
     write_json(out_dir / CATALOG, catalog)
     write_report(catalog, {s.latent: activation_histogram(p.codes, s.latent) for s in p.chosen}, out_dir / REPORT)
     return catalog
+
+
+def concepts_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """The pipeline step: the metadata catalog, and its headline numbers."""
+    catalog = build_catalog(run_dir, "tfidf", options=CatalogOptions(progress=progress))
+    keys = ("live_latents", "mean_confidence", "share_confidence_ge_0.8", "mean_auc", "seconds")
+    return {"version": catalog["version"], **{k: catalog["summary"][k] for k in keys}}
+
+
+def catalog_complete(run_dir: Path) -> bool:
+    """True when RUN_DIR/concepts/catalog.json is readable and was built from the run's current SAE weights."""
+    try:
+        catalog = read_json(run_dir / CONCEPTS / CATALOG)
+        recorded = catalog["run"]["sae"]["weights_sha256"]
+        return bool(catalog.get("concepts")) and recorded == _file_sha(run_dir / "sae" / "sae_weights.safetensors")
+    except (RecsaeError, KeyError, TypeError, OSError):
+        return False
 
 
 def llm_labels_for(p: Prepared, o: CatalogOptions, client: LLMClient) -> dict[int, Labelled]:
@@ -280,24 +318,6 @@ def llm_labels_for(p: Prepared, o: CatalogOptions, client: LLMClient) -> dict[in
         return render_sample(p.ctx.dataset, hist, int(p.top1[sample]), level, o.llm_recent)
 
     return llm_label(client, subset, render, levels, o.llm_shown, o.progress)
-
-
-def _coherence(p: Prepared, confidences: list[float | None], high: float) -> dict[str, Any]:
-    """RecSAE coherence of the high-confidence SAE latents, of all live latents, of the raw neurons and of the
-    random-init SAE's live latents."""
-    confident = [u for u, c in zip(p.units["sae"], confidences, strict=True) if (c or 0) >= high]
-    out: dict[str, Any] = {"sae": mean_coherence(p.h, p.top1, confident)}
-    out.update({k if k != "sae" else "sae_all": mean_coherence(p.h, p.top1, v) for k, v in p.units.items()})
-    out["high_confidence_latents"] = len(confident)
-    return out
-
-
-def _metrics(labels: list[Labelled], n_units: int) -> dict[str, Any]:
-    conf = summarize([lab.scores.confidence for lab in labels] + [None] * (n_units - len(labels)))
-    auc = summarize([lab.scores.auc for lab in labels])
-    return {"scored": conf["scored"], "mean_confidence": round(conf["mean"], 4),
-            "share_confidence_ge_0.8": round(conf["share_ge_0.8"], 4),
-            "share_confidence_ge_0.9": round(conf["share_ge_0.9"], 4), "mean_auc": round(auc["mean"], 4)}  # fmt: skip
 
 
 def _skew(space: TermSpace, x: sp.csr_matrix, bg_mean: np.ndarray, top1: np.ndarray, bg_top1: np.ndarray) -> dict:
@@ -386,13 +406,15 @@ def write_report(catalog: dict[str, Any], histograms: dict[int, list[int]], path
     for c in catalog["concepts"]:
         terms = ", ".join(f"{t['term']} ×{t['lift']:.1f}" for t in c["terms"]) or "—"
         items = "".join(f"<li>{html.escape(t)}</li>" for t in c["examples"]["recommended"])
+        watched = "".join(f"<li>{html.escape(t)}</li>" for t in c["examples"].get("last_watched", []))
         conf = "—" if c["confidence"] is None else f"{c['confidence']:.2f}"
         auc = "—" if c["auc"] is None else f"{c['auc']:.3f}"
         body.append(
             f'<tr class="concept" data-latent="{c["latent"]}"><td>{c["latent"]}</td>'
             f'<td class="text"><b>{html.escape(c["name"])}</b></td>'
             f'<td class="text">{html.escape(c["description"])}<details><summary>terms and top items</summary>'
-            f"<p>{html.escape(terms)}</p><ol>{items}</ol></details></td>"
+            f"<p>{html.escape(terms)}</p><p>Recommended next:</p><ol>{items}</ol>"
+            f"<p>Last watched:</p><ol>{watched}</ol></details></td>"
             f"<td>{conf}</td><td>{auc}</td><td>{c['frequency']:.4f}</td><td class='text'>{c['labeler']}</td>"
             f"<td>{_sparkline(histograms.get(c['latent'], []))}</td></tr>"
         )

@@ -96,6 +96,30 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     bundle.add_argument("--work", type=Path, help="folder for the import's probe and SAE (default OUT.work)")
     add_sae_options(bundle)
 
+    interpret = sub.add_parser("interpret", help="name, describe and score every live SAE latent (concept catalog)")
+    interpret.add_argument("--run", required=True, type=Path, help="run folder with probe/ and sae/")
+    interpret.add_argument(
+        "--labeler",
+        default="tfidf",
+        choices=["tfidf", "llm"],
+        help="tfidf: metadata statistics (default, no model); llm: an OpenAI-compatible endpoint",
+    )
+    interpret.add_argument(
+        "--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1 (default $RECSAE_LLM_URL)"
+    )
+    interpret.add_argument("--llm-model", help="model name (default $RECSAE_LLM_MODEL, else the server's first model)")
+    interpret.add_argument("--llm-api-key", help="bearer token (default $RECSAE_LLM_API_KEY)")
+    interpret.add_argument(
+        "--llm-concurrency", type=positive_int, default=4, help="requests in flight (1 suits a local llama.cpp server)"
+    )
+    interpret.add_argument(
+        "--llm-latents",
+        type=non_negative_int,
+        default=0,
+        help="label only this many latents with the language model (0 = all live latents)",
+    )
+    interpret.add_argument("--quiet", action="store_true", help="no progress bars")
+
     pipe = sub.add_parser("pipeline", help="run every offline step in order, skipping finished ones")
     add_train_options(pipe)
     pipe.add_argument("--out", required=True, type=Path, help="run folder")
@@ -231,6 +255,27 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from recsae_core.pipeline import bundle_step
 
     print(json.dumps(bundle_step(args.run, args.out)))
+    return 0
+
+
+@command("interpret")
+def cmd_interpret(args: argparse.Namespace) -> int:
+    from recsae_core.catalog import CATALOG, CONCEPTS, REPORT, CatalogOptions, build_catalog
+    from recsae_core.llm_client import LLMOptions
+
+    given = [f for f in ("llm_url", "llm_model", "llm_api_key") if getattr(args, f)]
+    if args.labeler != "llm" and given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --labeler llm")
+    llm = LLMOptions(url=args.llm_url, model=args.llm_model, api_key=args.llm_api_key, concurrency=args.llm_concurrency)
+    options = CatalogOptions(llm_latents=args.llm_latents, progress=not args.quiet)
+    catalog = build_catalog(args.run, args.labeler, llm, options)
+    summary = catalog["summary"]
+    keys = ("live_latents", "mean_confidence", "share_confidence_ge_0.8", "mean_auc", "coherence", "seconds")
+    out = {"catalog": str(args.run / CONCEPTS / CATALOG), "report": str(args.run / CONCEPTS / REPORT),
+           "version": catalog["version"], "labeler": catalog["labeler"], **{k: summary[k] for k in keys}}  # fmt: skip
+    if "llm" in summary:
+        out["llm"] = summary["llm"]
+    print(json.dumps(out))
     return 0
 
 

@@ -14,16 +14,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
 from recsae_core.concepts import LatentSamples, prefix_index
 from recsae_core.data import Dataset
-from recsae_core.llm_client import Completion, LLMClient
 from recsae_core.scoring import Labelled, best_threshold, score_latent
 from recsae_core.splits import Split
+
+if TYPE_CHECKING:  # httpx is only needed with the language-model labeler
+    from recsae_core.llm_client import Completion, LLMClient
 
 POP_BANDS = ("popular", "mid-popular", "niche")
 AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
@@ -211,6 +213,8 @@ class TfidfLabel(NamedTuple):
     """One sentence."""
     terms: list[Term]
     """The label's terms, strongest first; the simulator uses exactly these."""
+    longer: tuple[str, ...] = ()
+    """Longer names ('horror-1980s-female', ...) to use before a numeric suffix when the name is taken."""
 
 
 def tfidf_terms(
@@ -250,7 +254,8 @@ def make_tfidf_label(terms: list[Term]) -> TfidfLabel:
         if word and word not in words:
             words.append(word)
     name = "-".join(words[:2]) or "unlabelled"
-    return TfidfLabel(name=name, description=describe_terms([t.term for t in terms]), terms=terms)
+    longer = tuple("-".join(words[:n]) for n in range(3, min(len(words), 4) + 1))
+    return TfidfLabel(name, describe_terms([t.term for t in terms]), terms, longer)
 
 
 def _join(values: list[str], word: str = "and") -> str:

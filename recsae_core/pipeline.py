@@ -15,6 +15,7 @@ import torch
 
 from recsae_core.artifacts import atomic_folder, read_json, write_json
 from recsae_core.bundle import verify_bundle, write_bundle
+from recsae_core.catalog import catalog_complete, concepts_step
 from recsae_core.errors import ArtifactError, RecsaeError
 from recsae_core.evaluate import evaluate, make_batch, mask_seen
 from recsae_core.export import contents_from_run
@@ -227,6 +228,7 @@ def run_pipeline(
          lambda: train_step(run_dir, dataset, model, protocol, train_config)),
         ("probe", lambda: probe_complete(run_dir), lambda: probe_step(run_dir, sae_options.progress)),
         ("sae", lambda: sae_complete(run_dir), lambda: sae_step(run_dir, sae_options)),
+        ("concepts", lambda: catalog_complete(run_dir), lambda: concepts_step(run_dir, sae_options.progress)),
         ("bundle", lambda: bundle_complete(run_dir), lambda: bundle_step(run_dir)),
     ]  # fmt: skip
     summary: dict[str, Any] = {}

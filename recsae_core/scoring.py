@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -120,3 +120,27 @@ class Labelled(NamedTuple):
     """Held-out scores."""
     threshold: float
     """The simulator's threshold, calibrated on describing-side samples only."""
+    longer: tuple[str, ...] = ()
+    """Longer names to try before a numeric suffix when the name is taken."""
+
+
+def label_metrics(labels: list[Labelled], n_units: int) -> dict[str, Any]:
+    """The catalog's headline numbers for one labeler over `n_units` latents (unlabelled ones count as below every
+    confidence threshold; means are over scored latents)."""
+    conf = summarize([lab.scores.confidence for lab in labels] + [None] * (n_units - len(labels)))
+    auc = summarize([lab.scores.auc for lab in labels])
+    return {"scored": conf["scored"], "mean_confidence": round(conf["mean"], 4),
+            "share_confidence_ge_0.8": round(conf["share_ge_0.8"], 4),
+            "share_confidence_ge_0.9": round(conf["share_ge_0.9"], 4), "mean_auc": round(auc["mean"], 4)}  # fmt: skip
+
+
+def coherence_summary(
+    h: np.ndarray, top1: np.ndarray, units: dict[str, list[np.ndarray]], confidences: list[float | None], high: float
+) -> dict[str, Any]:
+    """RecSAE coherence of the high-confidence SAE latents ('sae'), of all live latents ('sae_all'), and of every
+    other unit group given (raw 'neurons', 'random_sae'); `confidences` are in the order of units['sae']."""
+    confident = [u for u, c in zip(units["sae"], confidences, strict=True) if (c or 0) >= high]
+    out: dict[str, Any] = {"sae": mean_coherence(h, top1, confident)}
+    out.update({k if k != "sae" else "sae_all": mean_coherence(h, top1, v) for k, v in units.items()})
+    out["high_confidence_latents"] = len(confident)
+    return out

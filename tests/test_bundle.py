@@ -273,19 +273,19 @@ def test_crash_mid_write_keeps_previous_bundle(broken_contents, bundle_copy):
 def test_pipeline_rerun_skips_and_refuses_other_runs(tmp_path):
     run_dir = tmp_path / "run"
     train, sae = TrainConfig(epochs=1, progress=False), pipeline.SAEOptions(n_latents=64, k=4, epochs=1, progress=False)
-    steps = ("recommender", "probe", "sae", "bundle")
+    steps = ("recommender", "probe", "sae", "concepts", "bundle")
     first: list[str] = []
     summary = pipeline.run_pipeline(run_dir, "ml-100k", "bprmf", "recbole", train, sae, log=first.append)
     assert list(summary) == list(steps)
     for index, step in enumerate(steps, start=1):
-        assert f"[{index}/4] {step}: running" in first
-        assert any(line.startswith(f"[{index}/4] {step}: done in ") for line in first)
+        assert f"[{index}/5] {step}: running" in first
+        assert any(line.startswith(f"[{index}/5] {step}: done in ") for line in first)
     load_bundle(run_dir / pipeline.BUNDLE)
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
     second: list[str] = []
     summary = pipeline.run_pipeline(run_dir, "ml-100k", "bprmf", "recbole", train, sae, log=second.append)
-    assert second == [f"[{i}/4] {step}: up to date, skipped" for i, step in enumerate(steps, start=1)]
+    assert second == [f"[{i}/5] {step}: up to date, skipped" for i, step in enumerate(steps, start=1)]
     assert summary == dict.fromkeys(steps, "skipped")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == stamps
 
