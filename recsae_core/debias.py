@@ -14,7 +14,6 @@ Policy families and what "strength" means:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 
 from recsae_core.artifacts import read_json
 from recsae_core.bias_metrics import leakage_auc, ndcg_at_k, ndcg_gap, popularity_metrics
+from recsae_core.bundle import sha256_file
 from recsae_core.errors import ConfigError
 from recsae_core.evaluate import make_batch, mask_seen
 from recsae_core.intervention import Edit, Intervener
@@ -83,14 +83,6 @@ class Candidate(NamedTuple):
     """Relative NDCG@10 loss."""
     efficiency: float
     """bias_drop / max(ndcg_loss, floor)."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def benjamini_hochberg(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -289,8 +281,8 @@ def made_for(ctx: RunContext) -> dict[str, Any]:
     return {
         "dataset": ctx.config.get("dataset"),
         "model_type": ctx.model.name,
-        "recommender_sha256": sha256_of(ctx.root / RECOMMENDER / "model.safetensors"),
-        "sae_sha256": sha256_of(ctx.root / SAE / "sae_weights.safetensors"),
+        "recommender_sha256": sha256_file(ctx.root / RECOMMENDER / "model.safetensors"),
+        "sae_sha256": sha256_file(ctx.root / SAE / "sae_weights.safetensors"),
     }
 
 

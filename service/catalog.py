@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from recsae_core.bias_metrics import head_mask
 from recsae_core.bundle import Bundle
 from recsae_core.errors import ConfigError
 from recsae_core.intervention import OPS, UNITS, Edit, EditBounds, validate_edits
@@ -214,15 +215,6 @@ def identity_mismatch(made_for: Any, identity: dict[str, Any]) -> str | None:
 
 
 def head_items(popularity: np.ndarray, share: float = 0.2) -> np.ndarray:
-    """Boolean mask of the head: the most popular items that together hold `share` of training interactions
-    (the smallest such set, ties by item index); everything else is the tail."""
-    popularity = np.asarray(popularity, dtype=np.float64)
-    mask = np.zeros(len(popularity), dtype=bool)
-    total = popularity.sum()
-    if total <= 0:
-        return mask
-    order = np.lexsort((np.arange(len(popularity)), -popularity))
-    cumulative = np.cumsum(popularity[order])
-    n_head = int(np.searchsorted(cumulative, share * total, side="left")) + 1
-    mask[order[:n_head]] = True
-    return mask
+    """Boolean mask of the head: the most popular items holding `share` of training interactions; the rest is tail.
+    The same definition as the offline bias metrics, so served and offline tail shares agree."""
+    return head_mask(popularity, share)

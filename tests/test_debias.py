@@ -20,7 +20,8 @@ import torch
 from _shared_runs import trained_run
 
 from recsae_core.bias_metrics import popularity_metrics
-from recsae_core.debias import associate, benjamini_hochberg, debias, made_for, sha256_of
+from recsae_core.bundle import sha256_file
+from recsae_core.debias import associate, benjamini_hochberg, debias, made_for
 from recsae_core.intervention import Edit, EditBounds, Intervener
 from recsae_core.pipeline import SAEOptions, probe_step, sae_step
 from recsae_core.runs import load_run
@@ -131,7 +132,7 @@ def _fake_bundle(run: Path, policies: dict[str, dict]) -> SimpleNamespace:
     manifest = {
         "dataset": ctx.config["dataset"],
         "model_type": ctx.model.name,
-        "files": {"sae/sae_weights.safetensors": sha256_of(run / "sae" / "sae_weights.safetensors")},
+        "files": {"sae/sae_weights.safetensors": sha256_file(run / "sae" / "sae_weights.safetensors")},
         "provenance": {},
     }
     return SimpleNamespace(manifest=manifest, catalog=None, policies=policies)
