@@ -124,6 +124,16 @@ class LocalService:
             ray.shutdown()
 
 
+# Ray's proxy must answer its readiness probe within 5 s by default; on a loaded 2-core machine it can take longer,
+# and Ray then kills it and the app never starts. Explicit settings in the environment still win.
+PATIENT_RAY_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
+def slow_machine_env() -> None:
+    for key, value in PATIENT_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def start_local(
     bundle: Path,
     port: int = 8000,
@@ -141,6 +151,7 @@ def start_local(
     import ray
     from ray import serve
 
+    slow_machine_env()
     cpus = os.cpu_count() or 1
     per_replica = num_cpus if num_cpus is not None else min(1.0, cpus / replicas)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -162,12 +162,13 @@ def live_stack(tools: None, bundle: Path, tmp_path_factory: pytest.TempPathFacto
     import ray
     from ray import serve
 
-    from service.local import deploy, free_port
+    from service.local import deploy, free_port, slow_machine_env
 
     tmp = tmp_path_factory.mktemp("prometheus")
     port, metrics_port, prom_port = free_port(), free_port(), free_port()
     saved = os.environ.get(RAY_EXPORT_INTERVAL)
     os.environ[RAY_EXPORT_INTERVAL] = "1000"  # read by Ray at start; the default is 10 s
+    slow_machine_env()
     try:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         ray.init(
