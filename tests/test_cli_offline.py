@@ -6,9 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from _cli import cli_refusal
 from _shared_runs import trained_run
 
-from recsae_core.cli import build_parser, main
+from recsae_core.cli import build_parser
 
 
 def test_parser_builds():
@@ -18,14 +19,7 @@ def test_parser_builds():
 
 
 def refused(capsys, args: list[str]) -> str:
-    capsys.readouterr()
-    code = main(args)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("recsae: error: "), captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
-    return lines[0]
+    return cli_refusal(capsys, args)
 
 
 def tree(folder: Path) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from _cli import cli_refusal
 from safetensors.numpy import save_file
 from torch import nn
 
@@ -147,15 +148,9 @@ def test_bundle_has_the_sae(imported):
 
 
 def refused(capsys, args: list[str], out: Path) -> str:
-    capsys.readouterr()
-    code = main(args)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2, captured.err
-    assert len(lines) == 1 and lines[0].startswith("recsae: error: "), captured.err
-    assert "Traceback" not in captured.err and captured.out == ""
+    line = cli_refusal(capsys, args)
     assert not out.exists()
-    return lines[0]
+    return line
 
 
 def test_refuses_items_csv_with_wrong_row_count(inputs, tmp_path, capsys):

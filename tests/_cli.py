@@ -1,0 +1,17 @@
+"""Shared check for the CLI's contract on bad input: exit 2, one `recsae: error:` line, no traceback, no stdout."""
+
+from __future__ import annotations
+
+from recsae_core.cli import main
+
+
+def cli_refusal(capsys, args: list[str]) -> str:
+    """Run the CLI expecting a refusal; return its one error line."""
+    capsys.readouterr()
+    code = main(args)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("recsae: error: "), captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    return lines[0]
