@@ -194,25 +194,24 @@ class Intervener:
         op_t = torch.tensor(ops, device=device)
         raw = torch.tensor(values, device=device) * self._unit_scale[torch.tensor(units, device=device), lat_t]
 
-        # One edit per latent per row (validated), so the three dense operands never collide.
-        is_set = (op_t == _OP_CODE["ablate"]) | (op_t == _OP_CODE["pin"])
-        set_mask = torch.zeros_like(z, dtype=torch.bool)
-        set_value = torch.zeros_like(z)
-        set_mask[row_t[is_set], lat_t[is_set]] = True
-        set_value[row_t[is_set], lat_t[is_set]] = torch.where(op_t == _OP_CODE["pin"], raw, 0.0)[is_set]
-        mul = torch.ones_like(z)
-        is_mul = op_t == _OP_CODE["scale"]
-        mul[row_t[is_mul], lat_t[is_mul]] = raw[is_mul]
-        add = torch.zeros_like(z)
-        is_add = op_t == _OP_CODE["nudge"]
-        add[row_t[is_add], lat_t[is_add]] = raw[is_add]
-        z_new = torch.where(set_mask, set_value, z * mul + add)
-
-        # Adding the delta only to edited rows keeps every other row exactly h.
-        edited = torch.unique(row_t)
-        delta = (z_new[edited] - z[edited]) @ self.sae.W_dec
+        # One edit per latent per row (validated), so each (row, latent) pair is written once and z' - z is
+        # non-zero only there: the decoder delta is a sum over the edits, not a dense (B, n_latents) product.
+        current = z[row_t, lat_t]
+        edited_value = torch.where(
+            op_t == _OP_CODE["ablate"],
+            torch.zeros_like(current),
+            torch.where(
+                op_t == _OP_CODE["pin"],
+                raw,
+                torch.where(op_t == _OP_CODE["scale"], current * raw, current + raw),
+            ),
+        )
+        z_new = z.clone()
+        z_new[row_t, lat_t] = edited_value
+        # Rows without edits receive nothing, so they stay exactly h.
+        delta = (edited_value - current)[:, None] * self.sae.W_dec[lat_t]
         h_new = h.clone()
-        h_new[edited.to(h.device)] = h[edited.to(h.device)] + delta.to(h.device, h.dtype)
+        h_new.index_add_(0, row_t.to(h.device), delta.to(h.device, h.dtype))
         return InterventionResult(h_new, z, z_new)
 
     def steer_all(self, h: Tensor, edits: Sequence[Edit]) -> InterventionResult:

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from recsae_core.artifacts import atomic_folder, read_json, write_json
 from recsae_core.errors import ArtifactError, ConfigError
@@ -155,25 +156,30 @@ class TopKSAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
 
+    def decode_sparse(self, values: Tensor, indices: Tensor) -> Tensor:
+        """decode() for codes given as (B, m) values at (B, m) latent indices: a gather of m decoder rows per sample
+        instead of a dense (B, n_latents) product, which is what makes training cheap at n_latents >> k."""
+        return F.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+
     def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
         pre = self.pre_activations(x)
-        z = self.topk(pre)
-        x_hat = self.decode(z)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        z = torch.zeros_like(pre).scatter_(-1, indices, values)
+        x_hat = self.decode_sparse(values, indices)
         return ForwardOutput(x_hat, z, pre, fvu(x, x_hat), self._aux_loss(x, x_hat, pre, dead_mask))
 
     def _aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
         """AuxK (Gao et al.): dead latents alone try to explain the residual, which gives them a gradient again."""
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if n_dead == 0:
+        dead = None if dead_mask is None else torch.nonzero(dead_mask).squeeze(1)
+        if dead is None or len(dead) == 0:
             return pre.new_zeros(())
         k_aux = self.cfg.k_aux or 1
-        scale = min(n_dead / k_aux, 1.0)
+        scale = min(len(dead) / k_aux, 1.0)
         # Only the dead latents should learn from this loss: the target is detached from the live reconstruction.
         residual = (x - x_hat).detach()
-        dead_pre = torch.where(dead_mask, pre, torch.zeros_like(pre))
-        values, indices = dead_pre.topk(min(k_aux, n_dead), dim=-1, sorted=False)
-        aux_z = torch.zeros_like(pre).scatter_(-1, indices, values)
-        aux_recon = aux_z @ self.W_dec  # no b_dec: the residual is already centred on the reconstruction
+        values, columns = pre[:, dead].topk(min(k_aux, len(dead)), dim=-1, sorted=False)
+        # No b_dec: the residual is already centred on the reconstruction.
+        aux_recon = F.embedding_bag(dead[columns], self.W_dec, per_sample_weights=values, mode="sum")
         total = (residual - residual.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
         return scale * (aux_recon - residual).pow(2).sum() / total
 

@@ -196,7 +196,7 @@ class Engine:
             with torch.inference_mode():
                 ht = torch.from_numpy(h)
                 result = self.intervener.apply(ht, [row.edits for row in rows])
-                err = (self.sae.decode(result.z) - ht).pow(2).sum(1)
+                err = (self.sae.decode_sparse(*result.z.topk(self.sae.cfg.k, dim=1)) - ht).pow(2).sum(1)
                 z, fvu = result.z.numpy(), (err / self.h_var).numpy()
                 if steered:
                     h_use, z_new = result.h_new.numpy(), result.z_new.numpy()
