@@ -158,6 +158,10 @@ def add_sae_options(p: argparse.ArgumentParser, with_device: bool = True) -> Non
     p.add_argument("--k", type=positive_int, default=8, help="latents kept per sample")
     p.add_argument("--sae-lr", type=positive_float, default=3e-3)
     p.add_argument("--sae-epochs", type=positive_int, default=200)
+    p.add_argument(
+        "--dead-after", type=positive_int, default=80_000,
+        help="training samples without firing after which AuxK treats a latent as dead (capped at one epoch)",
+    )  # fmt: skip
     if with_device:
         p.add_argument("--device", default="cpu", help="cpu or cuda")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -170,7 +174,7 @@ def sae_options(args: argparse.Namespace):
     if args.k > args.latents:
         raise ConfigError(f"--k {args.k} exceeds --latents {args.latents}")
     return SAEOptions(
-        n_latents=args.latents, k=args.k, lr=args.sae_lr, epochs=args.sae_epochs,
+        n_latents=args.latents, k=args.k, lr=args.sae_lr, epochs=args.sae_epochs, dead_after=args.dead_after,
         device=resolve_device(args.device), progress=not args.quiet,
     )  # fmt: skip
 

@@ -53,6 +53,7 @@ def add_service_commands(sub: Any) -> None:
     bserve.add_argument("--duration", type=positive_float, default=10.0, help="measured seconds per run")
     bserve.add_argument("--warmup", type=positive_float, default=1.0, help="unmeasured seconds before each run")
     bserve.add_argument("--concurrency", type=concurrency_list, default=[1, 8, 32], help="e.g. 1,8,32")
+    bserve.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds of every mode")
 
 
 def _check_bundle(folder: Path) -> None:
@@ -91,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from service.bench import bench_serve, write_report
 
     _check_bundle(args.bundle)
-    result = bench_serve(args.bundle.resolve(), args.duration, args.concurrency, args.warmup)
+    result = bench_serve(args.bundle.resolve(), args.duration, args.concurrency, args.warmup, args.rounds)
     write_report(result, args.out)
     print(json.dumps({"out": str(args.out), "http": result["http"], "batching": result["batching"]}))
     return 0
