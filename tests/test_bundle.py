@@ -102,6 +102,8 @@ def test_sae_metrics(built):
     assert on_disk["passthrough_identical_top10_fraction"] == 1.0
     assert on_disk["passthrough_max_abs_score_diff"] <= 1e-5
     assert (on_disk["n_latents"], on_disk["k"], on_disk["n_samples"]) == (128, 4, built["probe"]["n_samples"])
+    # AuxK's dead window is the option's sample count, capped at one epoch of this small probe.
+    assert on_disk["dead_after"] == min(SAE_OPTIONS.dead_after, built["probe"]["n_samples"])
     assert 1 <= on_disk["epochs_trained"] <= 2
     assert pipeline.sae_complete(built["run_dir"])
 
