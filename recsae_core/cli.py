@@ -42,6 +42,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -157,7 +167,11 @@ def add_sae_options(p: argparse.ArgumentParser, with_device: bool = True) -> Non
     p.add_argument("--latents", type=positive_int, default=1024, help="SAE width (RecSAE: 16 x d)")
     p.add_argument("--k", type=positive_int, default=8, help="latents kept per sample")
     p.add_argument("--sae-lr", type=positive_float, default=3e-3)
-    p.add_argument("--sae-epochs", type=positive_int, default=200)
+    p.add_argument("--sae-epochs", type=positive_int, default=1000, help="upper bound; early stopping ends sooner")
+    p.add_argument(
+        "--sae-max-minutes", type=non_negative_float, default=5.0,
+        help="wall-time budget of SAE training; the best checkpoint so far is kept (0 = no limit)",
+    )  # fmt: skip
     p.add_argument(
         "--dead-after", type=positive_int, default=80_000,
         help="training samples without firing after which AuxK treats a latent as dead (capped at one epoch)",
@@ -175,6 +189,7 @@ def sae_options(args: argparse.Namespace):
         raise ConfigError(f"--k {args.k} exceeds --latents {args.latents}")
     return SAEOptions(
         n_latents=args.latents, k=args.k, lr=args.sae_lr, epochs=args.sae_epochs, dead_after=args.dead_after,
+        max_minutes=args.sae_max_minutes or None,
         device=resolve_device(args.device), progress=not args.quiet,
     )  # fmt: skip
 

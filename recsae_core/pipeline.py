@@ -35,6 +35,8 @@ from recsae_core.splits import Stage
 from recsae_core.train import TrainConfig
 
 SAE = "sae"
+SELECT_SAMPLES = 50_000
+"""Training samples between two checkpoint evaluations (every epoch once an epoch is at least this large)."""
 BUNDLE = "bundle"
 
 
@@ -46,8 +48,12 @@ class SAEOptions:
     k: int = 8
     lr: float = 3e-3
     """Above RecSAE's grid: with under 1M samples lower rates stop with many latents dead (docs/benchmarks.md)."""
-    epochs: int = 200
+    epochs: int = 1000
     patience: int = 10
+    select_tolerance: float = 0.005
+    """Checkpoints within 0.5% of the best dev NDCG count as tied; among tied ones the better reconstruction wins."""
+    max_minutes: float | None = 5.0
+    """Wall-time budget of SAE training (None: no limit); the best checkpoint so far is kept."""
     dead_after: int = 80_000
     """AuxK treats a latent as dead after this many training samples without firing (at most one epoch). RecSAE's
     one-epoch window is ~800k samples on ML-1M SASRec, so revived latents starve for an epoch before AuxK helps them
@@ -118,7 +124,9 @@ def fit_sae(ctx: RunContext, activations: torch.Tensor, options: SAEOptions) -> 
     sae_config = SAEConfig(d_in=d, n_latents=options.n_latents, k=options.k, dead_after=min(n, options.dead_after))
     train_config = SAETrainConfig(
         lr=options.lr, batch_size=batch, epochs=options.epochs, patience=options.patience, seed=options.seed,
-        device=options.device, progress=options.progress,
+        device=options.device, progress=options.progress, select_tolerance=options.select_tolerance,
+        max_seconds=None if options.max_minutes is None else options.max_minutes * 60,
+        select_every=max(1, -(-SELECT_SAMPLES // n)),
     )  # fmt: skip
     dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
 
@@ -157,6 +165,7 @@ def fit_sae(ctx: RunContext, activations: torch.Tensor, options: SAEOptions) -> 
         "dead_after": sae.cfg.dead_after,
         "best_epoch": result.best_epoch,
         "epochs_trained": result.epochs_trained,
+        "stopped_by": result.stopped_by,
         "ndcg@10": ndcg,
         "substituted_ratio": round(ndcg["substituted"] / ndcg["original"], 4),
         "passthrough_identical_top10_fraction": passthrough["identical_top10_fraction"],

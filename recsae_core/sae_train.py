@@ -37,14 +37,33 @@ class SAETrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    select_tolerance: float = 0.0
+    """Relative slack on the selection score: a later epoch scoring within this fraction of the best score so far
+    replaces the kept one when it reconstructs better (by min_fvu_gain). 0 keeps the strictly best-scoring epoch."""
+    min_fvu_gain: float = 0.005
+    """Relative FVU drop that makes a within-tolerance epoch worth keeping (and resets the patience)."""
+    max_seconds: float | None = None
+    """Stop after the epoch during which this much wall time has passed (the kept checkpoint is still returned)."""
+    select_every: int = 1
+    """Score (and count patience) every this many epochs: tiny epochs (one sample per user) would otherwise spend
+    more time selecting than training."""
 
     def __post_init__(self) -> None:
+        if not (0 <= self.select_tolerance < 1 and 0 <= self.min_fvu_gain < 1):
+            raise ConfigError(
+                f"SAETrainConfig.select_tolerance and min_fvu_gain must be in [0, 1), got "
+                f"{self.select_tolerance}, {self.min_fvu_gain}"
+            )
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"SAETrainConfig.max_seconds must be > 0, got {self.max_seconds}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"SAETrainConfig.lr must be > 0, got {self.lr}")
         if self.batch_size < 2:
             raise ConfigError(
                 f"SAETrainConfig.batch_size must be >= 2 (FVU needs a batch variance), got {self.batch_size}"
             )
+        if self.select_every < 1:
+            raise ConfigError(f"SAETrainConfig.select_every must be >= 1, got {self.select_every}")
         if self.epochs < 1 or self.patience < 1:
             raise ConfigError(f"SAETrainConfig.epochs and patience must be >= 1, got {self.epochs}, {self.patience}")
 
@@ -65,6 +84,8 @@ class SAETrainResult:
     """Wall-clock training time, selection included."""
     samples_per_second: float
     """Training throughput over all epochs."""
+    stopped_by: str = "epochs"
+    """Why training ended: 'epochs' (the cap), 'patience' (no kept checkpoint for `patience` epochs) or 'time'."""
     history: list[dict[str, float]] = field(default_factory=list)
     """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu, score."""
 
@@ -147,6 +168,8 @@ def train_sae(
         dead_after = len(activations)
 
     best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(sae.state_dict())
+    top_score, kept_score, kept_fvu = -math.inf, -math.inf, math.inf
+    stopped_by = "epochs"
     history: list[dict[str, float]] = []
     seen, start, stale = 0, time.perf_counter(), 0
     bar = tqdm(range(1, tc.epochs + 1), desc="sae", unit="epoch", disable=not tc.progress)
@@ -186,6 +209,9 @@ def train_sae(
             "aux_loss": sums["aux_loss"] / n_batches,
             "dead_fraction": 1.0 - float(fired.float().mean()),
         }
+        if epoch % tc.select_every and epoch != tc.epochs:
+            history.append(row)
+            continue
         sae.eval()
         with torch.no_grad():
             if valid is not None:
@@ -196,13 +222,20 @@ def train_sae(
         history.append(row)
         bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}", score=f"{score:.4f}")
 
-        if score > best_score:
+        fvu_now = row.get("valid_fvu", row["fvu"])
+        if _keep(score, fvu_now, top_score, kept_score, kept_fvu, tc):
             best_score, best_epoch, stale = score, epoch, 0
+            kept_score, kept_fvu = score, fvu_now
             best_state = copy.deepcopy(sae.state_dict())
         else:
             stale += 1
-            if stale >= tc.patience:
-                break
+        top_score = max(top_score, score)
+        if stale >= tc.patience:
+            stopped_by = "patience"
+            break
+        if tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds:
+            stopped_by = "time"
+            break
     bar.close()
 
     seconds = time.perf_counter() - start
@@ -215,7 +248,23 @@ def train_sae(
         seconds=seconds,
         samples_per_second=seen / max(seconds, 1e-9),
         history=history,
+        stopped_by=stopped_by,
     )
+
+
+def _keep(score: float, fvu: float, top_score: float, kept_score: float, kept_fvu: float, tc: SAETrainConfig) -> bool:
+    """Whether this epoch replaces the kept checkpoint: it beats every earlier score, or (with a tolerance) it
+    scores within the tolerance of the best and reconstructs clearly better than the kept one, which itself must
+    then still be within the tolerance of the new best. Selection scores on a few thousand users are noisy at the
+    third decimal, so without the tolerance an early lucky epoch wins over a later, more faithful SAE."""
+    if score > top_score and tc.select_tolerance == 0:
+        return True
+    floor = max(top_score, score) - tc.select_tolerance * abs(max(top_score, score))
+    if score < floor:
+        return False
+    if kept_score < floor:  # the kept checkpoint fell out of the tolerance band: this one is in it
+        return True
+    return fvu < kept_fvu * (1 - tc.min_fvu_gain) or (score > top_score and fvu <= kept_fvu)
 
 
 @torch.no_grad()

@@ -263,7 +263,48 @@ def test_early_stopping_keeps_the_best_selected_epoch():
         select=select,
     )
     assert (result.best_epoch, result.epochs_trained, result.best_score) == (2, 4, 0.9)
+    assert result.stopped_by == "patience"
     assert torch.equal(result.sae.W_enc, snapshots[1])
+
+
+def test_selection_tolerance_prefers_the_better_reconstruction_among_tied_scores():
+    from recsae_core.sae_train import _keep
+
+    tol = SAETrainConfig(select_tolerance=0.01, min_fvu_gain=0.005)
+    strict = SAETrainConfig()
+    # Kept: score 0.200 at FVU 0.20. A later epoch at 0.199 (within 1%) with FVU 0.15 replaces it...
+    assert _keep(0.199, 0.15, top_score=0.200, kept_score=0.200, kept_fvu=0.20, tc=tol)
+    # ...but not without a clear reconstruction gain, nor outside the tolerance, nor without a tolerance.
+    assert not _keep(0.199, 0.1995, top_score=0.200, kept_score=0.200, kept_fvu=0.20, tc=tol)
+    assert not _keep(0.190, 0.10, top_score=0.200, kept_score=0.200, kept_fvu=0.20, tc=tol)
+    assert not _keep(0.199, 0.10, top_score=0.200, kept_score=0.200, kept_fvu=0.20, tc=strict)
+    # A new best that pushes the kept checkpoint out of the band replaces it even with a worse FVU.
+    assert _keep(0.220, 0.25, top_score=0.200, kept_score=0.200, kept_fvu=0.20, tc=tol)
+
+
+def test_select_every_scores_only_every_nth_epoch_and_the_last():
+    x = sparse_data(512)
+    calls = []
+    result = train_sae(
+        x, SAEConfig(d_in=16, n_latents=64, k=4),
+        SAETrainConfig(batch_size=256, epochs=7, patience=10, select_every=3, progress=False),
+        select=lambda sae: calls.append(1) or float(len(calls)),
+    )  # fmt: skip
+    assert [row["epoch"] for row in result.history if "score" in row] == [3, 6, 7]
+    assert (result.best_epoch, result.epochs_trained, result.stopped_by) == (7, 7, "epochs")
+
+
+def test_time_budget_stops_training_and_says_so():
+    x = sparse_data(1024)
+    result = train_sae(
+        x, SAEConfig(d_in=16, n_latents=64, k=4),
+        SAETrainConfig(batch_size=256, epochs=50, patience=50, max_seconds=1e-6, progress=False),
+    )  # fmt: skip
+    assert (result.epochs_trained, result.stopped_by) == (1, "time")
+    with pytest.raises(ConfigError, match="max_seconds"):
+        SAETrainConfig(max_seconds=0)
+    with pytest.raises(ConfigError, match="select_tolerance"):
+        SAETrainConfig(select_tolerance=1.5)
 
 
 def test_training_from_shards_and_refusing_one_shot_iterators():
