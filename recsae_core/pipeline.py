@@ -137,7 +137,9 @@ def fit_sae(ctx: RunContext, activations: torch.Tensor, options: SAEOptions) -> 
         dead = evaluate_reconstruction(sae, dead_sample)["dead_fraction"]
         return ndcg if dead <= options.max_dead else ndcg - 1.0
 
-    result = train_sae(activations, sae_config, train_config, select=select)
+    # The same fixed sample, in eval mode, decides whether a tied checkpoint reconstructs better: the running
+    # training FVU moves by about 1% between epochs from batch noise alone, more than the gains it should judge.
+    result = train_sae(activations, sae_config, train_config, select=select, valid=dead_sample)
     sae = result.sae.cpu().eval()
     baseline = random_sae(sae.cfg, activations, options.seed).eval()
     stats = latent_statistics(sae, activations)
