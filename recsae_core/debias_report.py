@@ -175,7 +175,8 @@ def run_debias(
                   "dev_ndcg_rel_loss": chosen_point["dev_ndcg_rel_loss"], "policy_file": str(policy_path)}  # fmt: skip
         log(f"chosen: {n} latents at strength {s}: {chosen_point['metrics']}")
     else:
-        log(f"no policy point stays within {budget:.1%} relative NDCG@{K} loss on dev; no policy written")
+        why = " with the NDCG gap no wider than the original's" if target == "gender" else ""
+        log(f"no policy point stays within {budget:.1%} relative NDCG@{K} loss on dev{why}; no policy written")
     baselines = {}
     for method in ("popularity-penalty", "xquad", "popsteer") if not gender else ():
         best = pick(points, method, target, budget, original["dev"])
