@@ -210,3 +210,37 @@ def test_head_items_hold_a_fifth_of_interactions() -> None:
     assert head_items(popularity).tolist() == [True, False, False, False, False]
     assert head_items(np.array([10, 10, 10, 10, 10])).sum() == 1
     assert "did you mean 'drama'" in suggest("dram", ["drama", "comedy"], "concept")
+
+
+def test_metric_updates_are_buffered_and_summed_until_flush():
+    """The buffering logic alone, against recording stand-ins for Ray's metric objects (the real Ray metrics and
+    their Prometheus export are checked end to end in test_service.py's scrape test)."""
+    from collections import defaultdict
+
+    from service.metrics import ServiceMetrics
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[float, dict | None]] = []
+
+        def inc(self, value: float, tags: dict | None = None) -> None:
+            self.calls.append((value, tags))
+
+        observe = inc
+
+    metrics = ServiceMetrics.__new__(ServiceMetrics)  # skip Ray's metric registration
+    metrics._counts, metrics._observations = defaultdict(float), []
+    counter, histogram = Recorder(), Recorder()
+    for _ in range(3):
+        metrics._inc(counter, 1, tags={"policy": "none", "route": "/v1"})
+        metrics._observe(histogram, 2.5, tags={"route": "/v1"})
+    metrics._inc(counter, 2, tags={"route": "/v1", "policy": "popularity"})
+    assert counter.calls == [] and histogram.calls == []  # nothing reaches Ray on the request path
+    metrics.flush()
+    assert sorted(counter.calls, key=lambda c: c[0]) == [
+        (2, {"policy": "popularity", "route": "/v1"}),
+        (3, {"policy": "none", "route": "/v1"}),
+    ]
+    assert histogram.calls == [(2.5, {"route": "/v1"})] * 3
+    metrics.flush()
+    assert len(counter.calls) == 2 and len(histogram.calls) == 3  # a flush sends each update once
