@@ -54,6 +54,8 @@ class SAEOptions:
     """Checkpoints within 0.5% of the best dev NDCG count as tied; among tied ones the better reconstruction wins."""
     max_minutes: float | None = 5.0
     """Wall-time budget of SAE training (None: no limit); the best checkpoint so far is kept."""
+    lr_drops: int = 2
+    """Plateaus answered by lowering the learning rate (x0.3) before stopping."""
     dead_after: int = 80_000
     """AuxK treats a latent as dead after this many training samples without firing (at most one epoch). RecSAE's
     one-epoch window is ~800k samples on ML-1M SASRec, so revived latents starve for an epoch before AuxK helps them
@@ -126,7 +128,7 @@ def fit_sae(ctx: RunContext, activations: torch.Tensor, options: SAEOptions) -> 
         lr=options.lr, batch_size=batch, epochs=options.epochs, patience=options.patience, seed=options.seed,
         device=options.device, progress=options.progress, select_tolerance=options.select_tolerance,
         max_seconds=None if options.max_minutes is None else options.max_minutes * 60,
-        select_every=max(1, -(-SELECT_SAMPLES // n)),
+        select_every=max(1, -(-SELECT_SAMPLES // n)), lr_drops=options.lr_drops,
     )  # fmt: skip
     dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
 

@@ -44,6 +44,10 @@ class SAETrainConfig:
     """Relative FVU drop that makes a within-tolerance epoch worth keeping (and resets the patience)."""
     max_seconds: float | None = None
     """Stop after the epoch during which this much wall time has passed (the kept checkpoint is still returned)."""
+    lr_drops: int = 0
+    """When patience runs out, multiply the learning rate by lr_drop_factor and go on, this many times, before
+    stopping (reduce-on-plateau): the last part of the FVU comes from smaller steps, not more of them."""
+    lr_drop_factor: float = 0.3
     select_every: int = 1
     """Score (and count patience) every this many epochs: tiny epochs (one sample per user) would otherwise spend
     more time selecting than training."""
@@ -61,6 +65,11 @@ class SAETrainConfig:
         if self.batch_size < 2:
             raise ConfigError(
                 f"SAETrainConfig.batch_size must be >= 2 (FVU needs a batch variance), got {self.batch_size}"
+            )
+        if self.lr_drops < 0 or not 0 < self.lr_drop_factor < 1:
+            raise ConfigError(
+                f"SAETrainConfig.lr_drops must be >= 0 and lr_drop_factor in (0, 1), got {self.lr_drops}, "
+                f"{self.lr_drop_factor}"
             )
         if self.select_every < 1:
             raise ConfigError(f"SAETrainConfig.select_every must be >= 1, got {self.select_every}")
@@ -169,7 +178,7 @@ def train_sae(
 
     best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(sae.state_dict())
     top_score, kept_score, kept_fvu = -math.inf, -math.inf, math.inf
-    stopped_by = "epochs"
+    stopped_by, drops_left = "epochs", tc.lr_drops
     history: list[dict[str, float]] = []
     seen, start, stale = 0, time.perf_counter(), 0
     bar = tqdm(range(1, tc.epochs + 1), desc="sae", unit="epoch", disable=not tc.progress)
@@ -230,7 +239,12 @@ def train_sae(
         else:
             stale += 1
         top_score = max(top_score, score)
-        if stale >= tc.patience:
+        if stale >= tc.patience and drops_left > 0:
+            drops_left, stale = drops_left - 1, 0
+            for group in optimizer.param_groups:
+                group["lr"] *= tc.lr_drop_factor
+            row["lr"] = optimizer.param_groups[0]["lr"]
+        elif stale >= tc.patience:
             stopped_by = "patience"
             break
         if tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds:

@@ -294,6 +294,19 @@ def test_select_every_scores_only_every_nth_epoch_and_the_last():
     assert (result.best_epoch, result.epochs_trained, result.stopped_by) == (7, 7, "epochs")
 
 
+def test_plateau_lowers_the_learning_rate_before_stopping():
+    x = sparse_data(512)
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1])
+    result = train_sae(
+        x, SAEConfig(d_in=16, n_latents=64, k=4),
+        SAETrainConfig(lr=1e-2, batch_size=256, epochs=20, patience=2, lr_drops=1, progress=False),
+        select=lambda sae: next(scores),
+    )  # fmt: skip
+    # Epoch 1 is kept; epochs 2-3 exhaust the patience once (lr x0.3), epochs 4-5 a second time (stop).
+    assert (result.best_epoch, result.epochs_trained, result.stopped_by) == (1, 5, "patience")
+    assert [row.get("lr") for row in result.history] == [None, None, pytest.approx(3e-3), None, None]
+
+
 def test_time_budget_stops_training_and_says_so():
     x = sparse_data(1024)
     result = train_sae(
