@@ -101,6 +101,22 @@ def test_passthrough_is_the_original_model(engine: Engine) -> None:
         assert result.fvu is not None and 0 < len(result.latents) <= engine.sae.cfg.k
 
 
+def test_monitoring_path_matches_the_torch_sae(engine: Engine) -> None:
+    """The numpy monitoring path reports the same active latents, values and FVU as the SAE itself."""
+    rows = [Row(user=u) for u in range(12)]
+    results, _ = engine.recommend(rows, sae=True)
+    h = torch.from_numpy(engine.represent(rows))
+    with torch.no_grad():
+        z = engine.sae.encode(h)
+        err = (engine.sae.decode(z) - h).pow(2).sum(1) / engine.h_var
+    for i, result in enumerate(results):
+        active = torch.nonzero(z[i]).squeeze(1)
+        expected = active[torch.argsort(-z[i, active], stable=True)].numpy()
+        np.testing.assert_array_equal(result.latents, expected)
+        np.testing.assert_allclose(result.activations, z[i, expected].numpy(), rtol=1e-5, atol=1e-6)
+        assert result.fvu == pytest.approx(float(err[i]), rel=1e-4, abs=1e-6)
+
+
 def test_steering_only_touches_edited_rows_and_matches_the_formula(engine: Engine) -> None:
     plain, = engine.recommend([Row(user=3, k=30, exclude_seen=False)])[0]  # fmt: skip
     latent = int(plain.latents[0])
