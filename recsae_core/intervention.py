@@ -151,6 +151,13 @@ _OP_CODE = {op: code for code, op in enumerate(OPS)}
 _UNIT_CODE = {unit: code for code, unit in enumerate(UNITS)}
 
 
+def unit_scale(stats: LatentStats) -> Tensor:
+    """(len(UNITS), n_latents) multipliers that turn an edit value into raw units: raw -> 1, std -> std_j,
+    max -> max_j; row i is UNITS[i]."""
+    ones = torch.ones(stats.n_latents)
+    return torch.stack([ones, stats.std_activation.float(), stats.max_activation.float()])
+
+
 class Intervener:
     """Applies validated edits to batches of h through a trained SAE and its latent statistics."""
 
@@ -160,11 +167,7 @@ class Intervener:
                 f"latent statistics cover {stats.n_latents} latents, but the SAE has {sae.cfg.n_latents}"
             )
         self.sae, self.stats, self.bounds = sae.eval(), stats, bounds or EditBounds()
-        # Per-unit multipliers, indexed by the unit code: raw -> 1, std -> std_j, max -> max_j.
-        ones = torch.ones(sae.cfg.n_latents)
-        self._unit_scale = torch.stack([ones, stats.std_activation.float(), stats.max_activation.float()]).to(
-            sae.device
-        )
+        self._unit_scale = unit_scale(stats).to(sae.device)
 
     @torch.no_grad()
     def apply(self, h: Tensor, edits_per_row: Sequence[Sequence[Edit]]) -> InterventionResult:

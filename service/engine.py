@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from recsae_core.bundle import Bundle, load_bundle
-from recsae_core.intervention import Edit, EditBounds, Intervener
+from recsae_core.intervention import UNITS, Edit, EditBounds, unit_scale
 from recsae_core.probe import open_onnx
 from recsae_core.sae import TopKSAE
 from recsae_core.sae_train import STATS_FILE, load_stats
@@ -80,16 +80,12 @@ class Engine:
         self.output = "h" if "h" in outputs else outputs[0]
         self.sae = TopKSAE.load(bundle.sae_folder).eval()
         self.stats = load_stats(bundle.sae_folder / STATS_FILE, self.sae.cfg.n_latents)
-        self.intervener = Intervener(self.sae, self.stats, self.bounds)
         self.n_latents = self.sae.cfg.n_latents
-        self._unit_scale = {
-            "raw": np.ones(self.n_latents, dtype=np.float32),
-            "std": self.stats.std_activation.numpy().astype(np.float32),
-            "max": self.stats.max_activation.numpy().astype(np.float32),
-        }
-        self._sae_arrays = tuple(
+        # numpy copies for the serving path (see _observe): the SAE's parameters and the edit unit multipliers.
+        self.w_enc, self.b_enc, self.w_dec, self.b_dec = (
             getattr(self.sae, name).detach().numpy().astype(np.float32) for name in ("W_enc", "b_enc", "W_dec", "b_dec")
         )
+        self.unit_scale = unit_scale(self.stats).numpy()
         self.catalog = Catalog(bundle, self.stats, self.n_latents, self.bounds)
         self.emb_t = np.ascontiguousarray(bundle.item_embeddings.T, dtype=np.float32)
         self.bias = None if bundle.item_bias is None else bundle.item_bias.astype(np.float32)
@@ -230,12 +226,11 @@ class Engine:
         """The monitoring path (no edits): each row's active latents by activation, descending, with their values and
         the row's reconstruction FVU. Plain numpy on the k active decoder rows: at the batch sizes of live traffic,
         torch's per-operator dispatch cost more than the arithmetic."""
-        w_enc, b_enc, w_dec, b_dec = self._sae_arrays
-        pre = np.maximum((h - b_dec) @ w_enc + b_enc, 0.0)
+        pre = np.maximum((h - self.b_dec) @ self.w_enc + self.b_enc, 0.0)
         k = min(self.sae.cfg.k, pre.shape[1])
         top = np.argpartition(-pre, k - 1, axis=1)[:, :k]
         values = np.take_along_axis(pre, top, axis=1)
-        x_hat = np.einsum("bk,bkd->bd", values, w_dec[top]) + b_dec
+        x_hat = np.einsum("bk,bkd->bd", values, self.w_dec[top]) + self.b_dec
         fvu = ((x_hat - h) ** 2).sum(1) / self.h_var
         order = np.argsort(-values, axis=1, kind="stable")
         out = []
@@ -260,7 +255,7 @@ class Engine:
                 rows_i.append(i)
                 latents.append(edit.latent)
                 ops.append(edit.op)
-                raw.append(edit.value * self._unit_scale[edit.unit][edit.latent])
+                raw.append(edit.value * self.unit_scale[UNITS.index(edit.unit), edit.latent])
         r, j = np.asarray(rows_i), np.asarray(latents)
         current, raw_v, op_v = z[r, j], np.asarray(raw, dtype=np.float32), np.asarray(ops)
         edited = np.select(
@@ -269,7 +264,7 @@ class Engine:
         z_new = z.copy()
         z_new[r, j] = edited
         h_new = h.copy()
-        np.add.at(h_new, r, (edited - current)[:, None] * self._sae_arrays[2][j])
+        np.add.at(h_new, r, (edited - current)[:, None] * self.w_dec[j])
         return h_new, z, z_new
 
     def _top(self, rows: list[Row], scores: np.ndarray) -> list[RowResult]:

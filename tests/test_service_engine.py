@@ -119,7 +119,7 @@ def test_monitoring_path_matches_the_torch_sae(engine: Engine) -> None:
 
 def test_engine_steering_matches_the_library_intervener(engine: Engine) -> None:
     """The engine's numpy steering path and recsae_core's torch Intervener give the same h' for every op and unit."""
-    from recsae_core.intervention import Edit
+    from recsae_core.intervention import Edit, Intervener
 
     rows = [Row(user=u) for u in range(6)]
     plain, _ = engine.recommend(rows)
@@ -139,7 +139,7 @@ def test_engine_steering_matches_the_library_intervener(engine: Engine) -> None:
     h_engine, z, z_new = engine._steer(h, rows, engine._observe(h))
     np.testing.assert_allclose(z, engine.sae.encode(torch.from_numpy(h)).detach().numpy(), atol=1e-5)
     with torch.no_grad():
-        reference = engine.intervener.apply(torch.from_numpy(h), edits)
+        reference = Intervener(engine.sae, engine.stats, engine.bounds).apply(torch.from_numpy(h), edits)
     np.testing.assert_allclose(h_engine, reference.h_new.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(z_new, reference.z_new.numpy(), rtol=1e-5, atol=1e-5)
     assert np.array_equal(h_engine[4], h[4])  # a row without edits is untouched, bit for bit
