@@ -32,12 +32,12 @@ from recsae_core.debias import (
 from recsae_core.errors import ConfigError
 from recsae_core.evaluate import make_batch
 from recsae_core.intervention import Intervener
+from recsae_core.latent_stats import STATS_FILE, load_stats
 from recsae_core.pipeline import SAE
 from recsae_core.report import figure_html, page, table_html
 from recsae_core.rerank import cohens_d, popsteer_transform, popularity_penalty, xquad
 from recsae_core.runs import RunContext, load_run
 from recsae_core.sae import TopKSAE
-from recsae_core.sae_train import STATS_FILE, load_stats
 
 POLICY = "recsae-policy"
 STRENGTHS = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)

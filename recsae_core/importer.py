@@ -10,10 +10,11 @@ import torch
 from recsae_core.artifacts import atomic_folder, write_json
 from recsae_core.bundle import verify_bundle, write_bundle
 from recsae_core.export import contents_from_onnx
+from recsae_core.latent_stats import latent_statistics, save_stats
 from recsae_core.pipeline import SAEOptions
 from recsae_core.probe import collect_onnx, load_activations
 from recsae_core.sae import SAEConfig
-from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, latent_statistics, save_stats, train_sae
+from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, train_sae
 
 
 def import_onnx(

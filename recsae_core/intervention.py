@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from recsae_core.errors import ArtifactError, ConfigError
+from recsae_core.latent_stats import LatentStats
 from recsae_core.sae import TopKSAE
-from recsae_core.sae_train import LatentStats
 
 OPS = ("ablate", "pin", "nudge", "scale")
 """ablate: z_j = 0; pin: z_j = v; nudge: z_j += v; scale: z_j *= v."""

@@ -19,18 +19,11 @@ from recsae_core.catalog import catalog_complete, concepts_step
 from recsae_core.errors import ArtifactError, RecsaeError
 from recsae_core.evaluate import evaluate, make_batch, mask_seen
 from recsae_core.export import contents_from_run
+from recsae_core.latent_stats import LatentStats, latent_statistics, save_stats
 from recsae_core.probe import PROBE, collect, load_activations, probe_complete
 from recsae_core.runs import RunContext, load_run, recommender_complete, train_step
 from recsae_core.sae import SAEConfig, TopKSAE
-from recsae_core.sae_train import (
-    LatentStats,
-    SAETrainConfig,
-    evaluate_reconstruction,
-    latent_statistics,
-    random_sae,
-    save_stats,
-    train_sae,
-)
+from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, random_sae, train_sae
 from recsae_core.splits import Stage
 from recsae_core.train import TrainConfig
 

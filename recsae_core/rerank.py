@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from recsae_core.latent_stats import LatentStats
 from recsae_core.sae import TopKSAE
-from recsae_core.sae_train import LatentStats
 
 
 def popularity_penalty(scores: Tensor, popularity: np.ndarray, lam: float, k: int = 10) -> np.ndarray:

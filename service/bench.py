@@ -165,13 +165,9 @@ def bench_serve(
                 for mode in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:
                     runs[mode].append(run(mode, concurrency))
             row: dict[str, Any] = {mode: summarize(runs[mode]) for mode in MODES}
-            bare = row["bare"]
-            row["ratios"] = {
-                "monitor_p50": _ratio(row["monitor"]["p50_ms"], bare["p50_ms"]),
-                "steer_p50": _ratio(row["steer"]["p50_ms"], bare["p50_ms"]),
-                "monitor_rps": _ratio(row["monitor"]["rps"], bare["rps"]),
-                "steer_rps": _ratio(row["steer"]["rps"], bare["rps"]),
-            }
+            row["ratios"] = ratios(row)
+            # The same ratios within each round: their spread shows how much of a pooled ratio is machine noise.
+            row["round_ratios"] = [ratios({m: summarize([runs[m][r]]) for m in MODES}) for r in range(rounds)]
             result["http"][str(concurrency)] = row
         batching: dict[str, Any] = {"concurrency": 32, "mode": "monitor"}
         by_setting: dict[bool, list[LoadRun]] = {True: [], False: []}
@@ -186,6 +182,17 @@ def bench_serve(
     finally:
         service.stop()
     return result
+
+
+def ratios(row: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """monitor and steer p50 and rps against bare."""
+    bare = row["bare"]
+    return {
+        "monitor_p50": _ratio(row["monitor"]["p50_ms"], bare["p50_ms"]),
+        "steer_p50": _ratio(row["steer"]["p50_ms"], bare["p50_ms"]),
+        "monitor_rps": _ratio(row["monitor"]["rps"], bare["rps"]),
+        "steer_rps": _ratio(row["steer"]["rps"], bare["rps"]),
+    }
 
 
 def _ratio(a: float, b: float) -> float | None:

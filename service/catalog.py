@@ -14,7 +14,7 @@ from recsae_core.bias_metrics import head_mask
 from recsae_core.bundle import Bundle
 from recsae_core.errors import ConfigError
 from recsae_core.intervention import OPS, UNITS, Edit, EditBounds, validate_edits
-from recsae_core.sae_train import LatentStats
+from recsae_core.latent_stats import LatentStats
 
 log = logging.getLogger("recsae.service")
 

@@ -18,9 +18,9 @@ import torch
 
 from recsae_core.bundle import Bundle, load_bundle
 from recsae_core.intervention import UNITS, Edit, EditBounds, unit_scale
+from recsae_core.latent_stats import STATS_FILE, load_stats
 from recsae_core.probe import open_onnx
 from recsae_core.sae import TopKSAE
-from recsae_core.sae_train import STATS_FILE, load_stats
 from service.catalog import Catalog, RequestError, head_items
 from service.schemas import RecommendRequest
 

@@ -20,10 +20,11 @@ from recsae_core.bundle import verify_bundle, write_bundle
 from recsae_core.data import load_dataset
 from recsae_core.errors import RecsaeError
 from recsae_core.export import contents_from_run
+from recsae_core.latent_stats import STATS_FILE, latent_statistics, save_stats
 from recsae_core.probe import collect, load_activations
 from recsae_core.runs import RunContext
 from recsae_core.sae import SAEConfig
-from recsae_core.sae_train import STATS_FILE, SAETrainConfig, latent_statistics, save_stats, train_sae
+from recsae_core.sae_train import SAETrainConfig, train_sae
 from recsae_core.splits import make_split
 from recsae_core.train import TrainConfig, build_model, train_recommender
 

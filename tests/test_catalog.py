@@ -21,9 +21,9 @@ from test_llm_client import llama_server  # noqa: F401 (a fixture)
 from recsae_core.catalog import CATALOG, CONCEPTS, REPORT, CatalogOptions, build_catalog, catalog_complete
 from recsae_core.concepts import SampleOptions
 from recsae_core.errors import ArtifactError, ConfigError
+from recsae_core.latent_stats import STATS_FILE, load_stats
 from recsae_core.llm_client import LLMOptions
 from recsae_core.pipeline import SAEOptions, probe_step, sae_step
-from recsae_core.sae_train import STATS_FILE, load_stats
 
 pytestmark = pytest.mark.slow
 SMALL = CatalogOptions(samples=SampleOptions(n_background=5000), progress=False)

@@ -28,13 +28,13 @@ from recsae_core.labelers import (
     describe_terms,
     make_tfidf_label,
     occupation_name,
-    parse_explanation,
     popularity_bands,
     tfidf_terms,
 )
+from recsae_core.latent_stats import LatentStats
 from recsae_core.llm_client import yes_share
+from recsae_core.llm_labeler import parse_explanation
 from recsae_core.sae import SAEConfig, TopKSAE
-from recsae_core.sae_train import LatentStats
 from recsae_core.scoring import best_threshold, paper_confidence, roc_auc, score_latent, unit_coherence
 from recsae_core.splits import Ragged
 

@@ -12,9 +12,10 @@ import torch
 
 from recsae_core.evaluate import evaluate, make_batch
 from recsae_core.intervention import Edit, EditBounds, Intervener, validate_edits
+from recsae_core.latent_stats import latent_statistics
 from recsae_core.recommenders import LightGCN
 from recsae_core.sae import SAEConfig, TopKSAE
-from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, latent_statistics, train_sae
+from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, train_sae
 from recsae_core.train import TrainConfig, build_model, train_recommender
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked on GPU")

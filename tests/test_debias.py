@@ -23,10 +23,10 @@ from recsae_core.bias_metrics import popularity_metrics
 from recsae_core.bundle import sha256_file
 from recsae_core.debias import associate, benjamini_hochberg, debias, made_for
 from recsae_core.intervention import Edit, EditBounds, Intervener
+from recsae_core.latent_stats import STATS_FILE, load_stats
 from recsae_core.pipeline import SAEOptions, probe_step, sae_step
 from recsae_core.runs import load_run
 from recsae_core.sae import TopKSAE
-from recsae_core.sae_train import STATS_FILE, load_stats
 from service.catalog import Catalog, RequestError
 
 RUN_ENV = "RECSAE_TEST_RUN"

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recsae_core.labelers import detect_messages, explain_messages, parse_explanation
 from recsae_core.llm_client import ENV_MODEL, ENV_URL, LLMClient, LLMError, LLMOptions
+from recsae_core.llm_labeler import detect_messages, explain_messages, parse_explanation
 
 pytestmark = pytest.mark.slow
 

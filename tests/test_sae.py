@@ -10,17 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from recsae_core.errors import ArtifactError, ConfigError
+from recsae_core.latent_stats import STATS_FILE, latent_statistics, load_stats, save_stats
 from recsae_core.sae import CFG, WEIGHTS, SAEConfig, TopKSAE, fvu
-from recsae_core.sae_train import (
-    STATS_FILE,
-    SAETrainConfig,
-    evaluate_reconstruction,
-    latent_statistics,
-    load_stats,
-    random_sae,
-    save_stats,
-    train_sae,
-)
+from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, random_sae, train_sae
 
 torch.set_num_threads(1)
 
