@@ -20,6 +20,8 @@ import numpy as np
 
 from service.engine import Engine, Row, limit_threads
 from service.local import free_port, start_local
+from service.metrics import ServiceMetrics
+from service.schemas import RecommendRequest, ServiceConfig
 
 MODES = ("bare", "monitor", "steer")
 ENGINE_BATCHES = (1, 16, 64, 256)
@@ -122,6 +124,44 @@ def engine_bench(engine: Engine, repeats: int = 20, seed: int = 0) -> dict[str, 
     return out
 
 
+def replica_bench(engine: Engine, bundle: Path, n: int = 1000) -> dict[str, Any]:
+    """The replica's own work per request at concurrency 1, in process (median ms): parse (validation, id and policy
+    resolution), engine (one-row batch), metrics (buffering; `flush` is the 1 s refresher's cost spread over the
+    requests), response (building and encoding the JSON). Everything else a request costs (HTTP, Ray's proxy and
+    actor call) is the same in every mode, so `added_ms` is what the middleware adds to the bare model's latency,
+    free of the load generator's noise. Needs Ray initialised (the metrics are Ray's)."""
+    config = ServiceConfig(bundle=str(bundle))
+    metrics = ServiceMetrics()
+    metrics.use_engine(engine, config.concept_metric_cap, config.drift_window)
+    out: dict[str, Any] = {}
+    for mode in MODES:
+        payloads = [json.dumps(b).encode() for b in _bodies(engine, mode, n)]
+        stages: list[list[float]] = []
+        metrics.flush()
+        for payload in payloads:
+            t0 = time.perf_counter()
+            parsed = RecommendRequest.model_validate_json(payload, context={"config": config})
+            row = engine.parse(parsed, sae=mode != "bare")
+            t1 = time.perf_counter()
+            results, timings = engine.recommend([row], sae=mode != "bare")
+            t2 = time.perf_counter()
+            metrics.batch(engine, [row], results, timings)
+            t3 = time.perf_counter()
+            json.dumps(engine.response(row, results[0], config.explain_top)).encode()
+            stages.append([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
+        t0 = time.perf_counter()
+        metrics.flush()
+        flush = (time.perf_counter() - t0) / n
+        med = np.median(np.asarray(stages), axis=0) * 1000
+        row_out = {k: round(float(v), 4) for k, v in zip(("parse", "engine", "metrics", "response"), med, strict=True)}
+        row_out["flush"] = round(flush * 1000, 4)
+        row_out["total"] = round(sum(row_out.values()), 4)
+        out[mode] = row_out
+    for mode in ("monitor", "steer"):
+        out[mode]["added_ms"] = round(out[mode]["total"] - out["bare"]["total"], 4)
+    return out
+
+
 def _bodies(engine: Engine, mode: str, n: int = 512, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     users = rng.choice(engine.bundle.user_ids, size=n)
@@ -159,6 +199,7 @@ def bench_serve(
         return asyncio.run(load(service.url, _bodies(engine, mode), concurrency, duration, warmup))
 
     try:
+        result["replica_ms"] = replica_bench(engine, bundle)
         for concurrency in concurrencies:
             runs: dict[str, list[LoadRun]] = {mode: [] for mode in MODES}
             for r in range(rounds):

@@ -1,11 +1,20 @@
-"""The load benchmark's pooling of interleaved rounds (the HTTP runs themselves are exercised by `recsae bench
-serve` in docs/benchmarks.md; they need minutes of wall time, which the suite does not spend)."""
+"""The load benchmark: pooling of interleaved rounds, and the in-process timing of the replica's request path (the
+HTTP runs themselves are exercised by `recsae bench serve` in docs/benchmarks.md; they need minutes of wall time,
+which the suite does not spend)."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
-from service.bench import LoadRun, summarize
+import pytest
+import ray
+
+from service.bench import MODES, LoadRun, replica_bench, summarize
+from service.engine import Engine
+from service.testing import build_test_bundle
 
 
 def test_summarize_pools_rounds_before_taking_percentiles():
@@ -20,3 +29,27 @@ def test_summarize_pools_rounds_before_taking_percentiles():
 def test_summarize_without_successes_reports_nan_latency():
     out = summarize([LoadRun([], 3, 1.0)])
     assert math.isnan(out["p50_ms"]) and out["rps"] == 0.0 and out["errors"] == 3
+
+
+@pytest.fixture(scope="module")
+def engine_on_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, Path]]:
+    """A real engine on a small real bundle, with a local Ray for the metrics (no Serve app: replica_bench drives
+    the replica's request path in process)."""
+    bundle = build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")  # shared with test_service.py
+    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield Engine.load(bundle, threads=1), bundle
+    finally:
+        ray.shutdown()
+
+
+def test_replica_bench_times_every_stage_of_every_mode(engine_on_ray: tuple[Engine, Path]) -> None:
+    engine, bundle = engine_on_ray
+    out = replica_bench(engine, bundle, n=60)
+    stages = ("parse", "engine", "metrics", "response", "flush", "total")
+    for mode in MODES:
+        assert all(math.isfinite(out[mode][s]) and out[mode][s] >= 0 for s in stages), out[mode]
+        assert out[mode]["total"] == pytest.approx(sum(out[mode][s] for s in stages[:-1]), abs=1e-3)
+    for mode in ("monitor", "steer"):
+        assert out[mode]["added_ms"] == pytest.approx(out[mode]["total"] - out["bare"]["total"], abs=1e-3)
+    assert "added_ms" not in out["bare"]
