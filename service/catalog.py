@@ -147,6 +147,10 @@ class Catalog:
         self, policy: str | None, edits: list[Edit], bounds: EditBounds, stats: LatentStats
     ) -> list[Edit]:
         """Policy edits + request edits, refusing two edits on one latent and anything outside the bounds."""
+        if policy is not None and not edits:
+            # A bundled policy was validated against these bounds and statistics when the bundle was loaded (the
+            # engine, and with it this catalog, is rebuilt whenever either changes).
+            return list(self.policy(policy).edits)
         combined: list[Edit] = []
         owner: dict[int, str] = {}
         if policy is not None:
