@@ -125,12 +125,12 @@ def fit_sae(ctx: RunContext, activations: torch.Tensor, options: SAEOptions) -> 
     )  # fmt: skip
     dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
 
-    def select(sae: TopKSAE) -> float:
-        """RecSAE's selection (dev NDCG@10 with the reconstruction substituted), among SAEs with few dead latents."""
+    def select(sae: TopKSAE, row: dict[str, float]) -> float:
+        """RecSAE's selection (dev NDCG@10 with the reconstruction substituted), among SAEs with few dead latents
+        (dead on the fixed sample, which train_sae has just reconstructed: row['valid_dead_fraction'])."""
         sae = copy.deepcopy(sae).cpu().eval()  # a copy: training may be on another device
         ndcg = evaluate(ctx.model, ctx.split, "valid", transform=substitute(sae))["ndcg@10"]
-        dead = evaluate_reconstruction(sae, dead_sample)["dead_fraction"]
-        return ndcg if dead <= options.max_dead else ndcg - 1.0
+        return ndcg if row["valid_dead_fraction"] <= options.max_dead else ndcg - 1.0
 
     # The same fixed sample, in eval mode, decides whether a tied checkpoint reconstructs better: the running
     # training FVU moves by about 1% between epochs from batch noise alone, more than the gains it should judge.

@@ -79,7 +79,7 @@ class SAETrainResult:
     best_epoch: int
     """1-based epoch whose weights were kept."""
     best_score: float
-    """Selection score of that epoch (select(sae), else -valid FVU, else -train FVU)."""
+    """Selection score of that epoch (select(sae, row), else -valid FVU, else -train FVU)."""
     epochs_trained: int
     """Epochs actually run (early stopping may end before `epochs`)."""
     seconds: float
@@ -89,7 +89,8 @@ class SAETrainResult:
     stopped_by: str = "epochs"
     """Why training ended: 'epochs' (the cap), 'patience' (no kept checkpoint for `patience` epochs) or 'time'."""
     history: list[dict[str, float]] = field(default_factory=list)
-    """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu, score."""
+    """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu and
+    valid_dead_fraction (on `valid`, when given), score."""
 
 
 def _shards(data: Activations) -> Iterable[Tensor]:
@@ -145,12 +146,13 @@ def train_sae(
     activations: Activations,
     sae_config: SAEConfig,
     train_config: SAETrainConfig,
-    select: Callable[[TopKSAE], float] | None = None,
+    select: Callable[[TopKSAE, dict[str, float]], float] | None = None,
     valid: Tensor | None = None,
     init: TopKSAE | None = None,
 ) -> SAETrainResult:
-    """Adam on FVU + aux_coef * AuxK, with early stopping on `select(sae)` (higher is better: RecSAE uses the dev
-    NDCG@10 with the reconstruction substituted), else on -FVU of `valid`, else on -FVU of the training epoch.
+    """Adam on FVU + aux_coef * AuxK, with early stopping on `select(sae, row)` (higher is better: RecSAE uses the
+    dev NDCG@10 with the reconstruction substituted; `row` is the epoch's history entry, with the reconstruction
+    metrics on `valid` already in it), else on -FVU of `valid`, else on -FVU of the training epoch.
 
     Training starts from `random_sae(sae_config, activations, seed)`, or from a copy of `init` when given
     (whose config then replaces `sae_config`)."""
@@ -217,8 +219,9 @@ def train_sae(
         sae.eval()
         with torch.no_grad():
             if valid is not None:
-                row["valid_fvu"] = evaluate_reconstruction(sae, valid, tc.batch_size)["fvu"]
-            score = float(select(sae)) if select is not None else -row.get("valid_fvu", row["fvu"])
+                recon = evaluate_reconstruction(sae, valid, tc.batch_size)
+                row["valid_fvu"], row["valid_dead_fraction"] = recon["fvu"], recon["dead_fraction"]
+            score = float(select(sae, row)) if select is not None else -row.get("valid_fvu", row["fvu"])
         sae.train()
         row["score"] = score
         history.append(row)

@@ -244,7 +244,7 @@ def test_early_stopping_keeps_the_best_selected_epoch():
     scores = iter([0.5, 0.9, 0.8, 0.7, 0.95])
     snapshots = []
 
-    def select(sae: TopKSAE) -> float:
+    def select(sae: TopKSAE, row: dict[str, float]) -> float:
         snapshots.append(sae.W_enc.detach().clone())
         return next(scores)
 
@@ -280,7 +280,7 @@ def test_select_every_scores_only_every_nth_epoch_and_the_last():
     result = train_sae(
         x, SAEConfig(d_in=16, n_latents=64, k=4),
         SAETrainConfig(batch_size=256, epochs=7, patience=10, select_every=3, progress=False),
-        select=lambda sae: calls.append(1) or float(len(calls)),
+        select=lambda sae, row: calls.append(1) or float(len(calls)),
     )  # fmt: skip
     assert [row["epoch"] for row in result.history if "score" in row] == [3, 6, 7]
     assert (result.best_epoch, result.epochs_trained, result.stopped_by) == (7, 7, "epochs")
@@ -292,7 +292,7 @@ def test_plateau_lowers_the_learning_rate_before_stopping():
     result = train_sae(
         x, SAEConfig(d_in=16, n_latents=64, k=4),
         SAETrainConfig(lr=1e-2, batch_size=256, epochs=20, patience=2, lr_drops=1, progress=False),
-        select=lambda sae: next(scores),
+        select=lambda sae, row: next(scores),
     )  # fmt: skip
     # Epoch 1 is kept; epochs 2-3 exhaust the patience once (lr x0.3), epochs 4-5 a second time (stop).
     assert (result.best_epoch, result.epochs_trained, result.stopped_by) == (1, 5, "patience")
@@ -389,3 +389,16 @@ def test_load_stats_refusals(tmp_path):
     save_stats(stats, path)
     with pytest.raises(ArtifactError, match="deciles contains NaN"):
         load_stats(path)
+
+
+def test_select_receives_the_epochs_reconstruction_metrics_on_valid():
+    x = sparse_data(512)
+    rows: list[dict[str, float]] = []
+    train_sae(
+        x, SAEConfig(d_in=16, n_latents=64, k=4),
+        SAETrainConfig(batch_size=256, epochs=3, patience=5, progress=False),
+        select=lambda sae, row: rows.append(dict(row)) or -row["valid_fvu"], valid=x[:200],
+    )  # fmt: skip
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    for row in rows:
+        assert 0 <= row["valid_dead_fraction"] <= 1 and 0 < row["valid_fvu"] < 2
