@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,9 +22,6 @@ from recsae_core.concepts import prefix_index
 from recsae_core.data import Dataset
 from recsae_core.scoring import best_threshold
 from recsae_core.splits import Split
-
-if TYPE_CHECKING:  # httpx is only needed with the language-model labeler
-    pass
 
 POP_BANDS = ("popular", "mid-popular", "niche")
 AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))

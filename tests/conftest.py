@@ -31,6 +31,12 @@ def ml100k_seq_split(ml100k: Dataset) -> Split:
     return make_split(ml100k, "recbole", sequential=True)
 
 
+@pytest.fixture
+def split_for(ml100k_split: Split, ml100k_seq_split: Split) -> Callable[[str], Split]:
+    """split_for(model name) -> the split that model trains on (leave-one-out for SASRec, random 8:1:1 otherwise)."""
+    return lambda name: ml100k_seq_split if name == "sasrec" else ml100k_split
+
+
 @pytest.fixture(scope="session")
 def ml1m() -> Dataset:
     """ML-1M under the default filters (about 6 s to load, so once per session)."""

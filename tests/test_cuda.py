@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _models import MODELS, untrained
 
 from recsae_core.evaluate import evaluate, make_batch
 from recsae_core.intervention import Edit, EditBounds, Intervener, validate_edits
@@ -16,31 +17,17 @@ from recsae_core.latent_stats import latent_statistics
 from recsae_core.recommenders import LightGCN
 from recsae_core.sae import SAEConfig, TopKSAE
 from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, train_sae
-from recsae_core.train import TrainConfig, build_model, train_recommender
+from recsae_core.train import TrainConfig, train_recommender
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked on GPU")
 
-MODELS = ("bprmf", "lightgcn", "sasrec")
 USERS = np.arange(0, 900, 7)
-
-
-@pytest.fixture
-def split_for(ml100k_split, ml100k_seq_split):
-    return lambda name: ml100k_seq_split if name == "sasrec" else ml100k_split
-
-
-def build(name: str, data, split, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(name, data.n_users, data.n_items, split).eval()
-    if isinstance(model, LightGCN):
-        model.freeze()
-    return model
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_recommender_forward_matches_cpu(name, ml100k, split_for):
     split = split_for(name)
-    model = build(name, ml100k, split)
+    model = untrained(name, ml100k, split)
     with torch.no_grad():
         h_cpu = model.represent(make_batch(model, USERS, split.seen("test"), "cpu"))
         s_cpu = model.score(h_cpu)
@@ -57,7 +44,7 @@ def test_recommender_forward_matches_cpu(name, ml100k, split_for):
 @pytest.mark.parametrize("name", MODELS)
 def test_training_on_cuda_learns_and_evaluates_like_cpu(name, ml100k, split_for):
     split = split_for(name)
-    model = build(name, ml100k, split)
+    model = untrained(name, ml100k, split)
     before = evaluate(model, split, "valid")["ndcg@10"]
     result = train_recommender(model, split, TrainConfig(epochs=3, patience=3, device="cuda", progress=False))
     assert next(model.parameters()).is_cuda

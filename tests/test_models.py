@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _models import MODELS, untrained
 
 from recsae_core.checkpoint import CONFIG, WEIGHTS, load_recommender, save_recommender
 from recsae_core.errors import ArtifactError
@@ -15,29 +16,13 @@ from recsae_core.evaluate import make_batch, pad_histories
 from recsae_core.recommenders import Batch, LightGCN, SASRec
 from recsae_core.train import build_model
 
-MODELS = ("bprmf", "lightgcn", "sasrec")
-
-
-@pytest.fixture
-def split_for(ml100k_split, ml100k_seq_split):
-    return lambda name: ml100k_seq_split if name == "sasrec" else ml100k_split
-
-
-def make(name: str, data, split, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(name, data.n_users, data.n_items, split).eval()
-    if isinstance(model, LightGCN):
-        model.freeze()  # as training leaves it: propagated tables cached for inference
-    return model
-
-
 USERS = np.array([0, 5, 17, 300, 938])
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_represent_and_score_shapes(name, ml100k, split_for):
     split = split_for(name)
-    model = make(name, ml100k, split)
+    model = untrained(name, ml100k, split)
     batch = make_batch(model, USERS, split.seen("test"), "cpu")
     with torch.no_grad():
         h = model.represent(batch)
@@ -53,7 +38,7 @@ def test_represent_and_score_shapes(name, ml100k, split_for):
 @pytest.mark.parametrize("name", MODELS)
 def test_same_seed_same_model(name, ml100k, split_for):
     split = split_for(name)
-    a, b, c = make(name, ml100k, split, 3), make(name, ml100k, split, 3), make(name, ml100k, split, 4)
+    a, b, c = untrained(name, ml100k, split, 3), untrained(name, ml100k, split, 3), untrained(name, ml100k, split, 4)
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
     assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
@@ -66,7 +51,7 @@ def test_same_seed_same_model(name, ml100k, split_for):
 
 
 def test_sasrec_dropout_only_in_train_mode(ml100k, ml100k_seq_split):
-    model = make("sasrec", ml100k, ml100k_seq_split)
+    model = untrained("sasrec", ml100k, ml100k_seq_split)
     batch = make_batch(model, USERS, ml100k_seq_split.seen("test"), "cpu")
     with torch.no_grad():
         model.train()
@@ -83,7 +68,7 @@ def test_pad_histories_left_pads_and_keeps_most_recent():
 
 @pytest.fixture
 def sasrec(ml100k, ml100k_seq_split) -> SASRec:
-    return make("sasrec", ml100k, ml100k_seq_split, seed=11)
+    return untrained("sasrec", ml100k, ml100k_seq_split, seed=11)
 
 
 def represent(model: SASRec, history: torch.Tensor) -> torch.Tensor:
@@ -142,7 +127,7 @@ def test_sasrec_padding_only_rows_are_finite(sasrec, ml100k):
 @pytest.mark.parametrize("name", MODELS)
 def test_checkpoint_round_trip(name, ml100k, split_for, tmp_path):
     split = split_for(name)
-    model = make(name, ml100k, split, seed=5)
+    model = untrained(name, ml100k, split, seed=5)
     context = {"dataset": "ml-100k", "protocol": "recbole", "seed": 5}
     save_recommender(model, tmp_path / "ckpt", context)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG, WEIGHTS]
@@ -170,7 +155,7 @@ def test_lightgcn_checkpoint_without_explicit_freeze(ml100k, ml100k_split, tmp_p
 
 @pytest.fixture
 def saved(ml100k, ml100k_split, tmp_path):
-    model = make("bprmf", ml100k, ml100k_split)
+    model = untrained("bprmf", ml100k, ml100k_split)
     save_recommender(model, tmp_path / "ckpt", {"dataset": "ml-100k"})
     return tmp_path / "ckpt"
 
