@@ -147,6 +147,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     deb.add_argument("--target", required=True, choices=["popularity", "gender"])
     deb.add_argument("--budget", type=positive_float, default=0.02, help="max relative NDCG@10 loss (validation)")
     deb.add_argument("--fdr", type=positive_float, default=0.05, help="Benjamini-Hochberg false discovery rate")
+    deb.add_argument("--candidates", type=positive_int, default=24, help="discoveries the causal screen tests")
     deb.add_argument("--quiet", action="store_true", help="no progress bars")
     if extend is not None:
         extend(sub)
@@ -335,7 +336,7 @@ def cmd_debias(args: argparse.Namespace) -> int:
     if not args.fdr < 1:
         raise ConfigError(f"--fdr is a false discovery rate in (0, 1), got {args.fdr}")
     result = debias(
-        args.run, args.target, args.budget, fdr=args.fdr, progress=not args.quiet,
+        args.run, args.target, args.budget, fdr=args.fdr, max_candidates=args.candidates, progress=not args.quiet,
         log=lambda message: print(message, file=sys.stderr),
     )  # fmt: skip
     keys = ("policy", "version", "strength", "ndcg_rel_loss", "metrics")

@@ -9,7 +9,9 @@ Policy families and what "strength" means:
   (+-1 std, "screened") or least-squares weights that make the nudges act like a popularity penalty ("fit");
   strength multiplies every value. The sweep covers n and strength.
 - gender: each of the n best-screened latents is pinned at its dev mean (std units), which removes that latent's
-  variation across users (and so its gender signal) without shifting the average h; strength = n.
+  variation across users (and so its gender signal) without shifting the average h; strength = n. A second family
+  ("gap-safe") takes only the latents whose pin alone did not widen the dev NDCG gap, because the operating point
+  must not widen it and pins that each widen it rarely add up to one that does not.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class Candidate(NamedTuple):
     """Relative NDCG@10 loss."""
     efficiency: float
     """bias_drop / max(ndcg_loss, floor)."""
+    gap_change: float = 0.0
+    """Change of the dev NDCG@10 gap between female and male users (gender; 0 for popularity)."""
 
 
 def benjamini_hochberg(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -231,7 +235,8 @@ def find_latents(
             drop = base - objective(metrics, target)
             drop = drop / base if target == "popularity" and base > 0 else drop
             loss = rel_loss(metrics, original)
-            cand = Candidate(int(latent), edit, drop, loss, drop / max(loss, loss_floor))
+            gap = metrics["ndcg_gap"] - original["ndcg_gap"] if target == "gender" else 0.0
+            cand = Candidate(int(latent), edit, drop, loss, drop / max(loss, loss_floor), gap)
             if best is None or cand.efficiency > best.efficiency:
                 best = cand
         if best is not None and best.bias_drop > 0:

@@ -136,10 +136,12 @@ def run_debias(
     jobs: list[tuple[str, float, dict, Callable[[Evaluator], np.ndarray]]] = []
     families = {"screened": candidates}
     if gender:
-        sizes = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, len(candidates)) if 0 < n <= len(candidates)})
-        for n in sizes:
-            edits = policy_edits(candidates, n, 1.0)
-            jobs.append((POLICY, float(n), {"n_latents": n, "weighting": "screened"}, _steered(intervener, edits)))
+        families["gap-safe"] = [c for c in candidates if c.gap_change <= 0]
+        for weighting in ("screened", "gap-safe"):
+            family = families[weighting]
+            for n in sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, len(family)) if 0 < n <= len(family)}):
+                edits = policy_edits(family, n, 1.0)
+                jobs.append((POLICY, float(n), {"n_latents": n, "weighting": weighting}, _steered(intervener, edits)))
     else:
         sizes = sorted({n for n in (1, 2, 4, 8, 16, len(candidates)) if 0 < n <= len(candidates)})
         for n in sizes:
@@ -168,7 +170,8 @@ def run_debias(
     policy_path = run_dir / "policies" / f"{target}.json"
     if chosen_point is not None:
         n, s = chosen_point["n_latents"], chosen_point["strength"]
-        family = families["screened" if chosen_point["weighting"] == "screened" else f"fit{n}"]
+        weighting = chosen_point["weighting"]
+        family = families[f"fit{n}" if weighting == "fit" else weighting]
         edits = policy_edits(family, n, 1.0 if gender else s)
         doc = policy_document(ctx, target, edits, s, n, budget, chosen_point["dev_metrics"], policy_path)
         write_json(policy_path, doc)
@@ -210,6 +213,7 @@ def run_debias(
                     "bias_drop": round(c.bias_drop, 6),
                     "ndcg_loss": round(c.ndcg_loss, 6),
                     "efficiency": round(c.efficiency, 6),
+                    **({"gap_change": round(c.gap_change, 6)} if gender else {}),
                     "cohens_d": round(float(assoc.d[c.latent]), 6),
                     "p": float(assoc.p[c.latent]),
                 }

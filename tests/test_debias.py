@@ -121,6 +121,13 @@ def test_gender_report_keys_and_constraint(debias_run: tuple[Path, dict]) -> Non
     assert {"leakage_auc", "history_leakage_auc", "ndcg_gap"} <= set(result["original"])
     assert 0.0 <= result["original"]["leakage_auc"] <= 1.0 and result["original"]["history_leakage_auc"] > 0.5
     assert set(result["pareto"]) == {"leakage_distance", "ndcg_gap"}
+    # The gap-safe family keeps, in screen order, exactly the latents whose pin alone did not widen the dev gap.
+    safe = [c["latent"] for c in result["latents"]["candidates"] if c["gap_change"] <= 0]
+    sizes = [p["n_latents"] for p in result["sweep"] if p["weighting"] == "gap-safe"]
+    assert max(sizes, default=0) == len(safe)
+    chosen = result["chosen"]
+    if chosen["policy"] is not None and chosen["weighting"] == "gap-safe":
+        assert [e["latent"] for e in chosen["edits"]] == safe[: chosen["n_latents"]]
     if result["chosen"]["policy"] is not None:
         assert result["chosen"]["dev_metrics"]["ndcg_gap"] <= result["original_dev"]["ndcg_gap"] + 1e-12
         assert result["chosen"]["dev_ndcg_rel_loss"] <= 0.2
