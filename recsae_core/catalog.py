@@ -232,8 +232,11 @@ def build_catalog(
         with client:
             llm_started = time.perf_counter()
             llm_labels = llm_labels_for(p, o, client)
+            asked = min(o.llm_latents or len(p.chosen), len(p.chosen))
             usage = {"model": client.model, "url": client.options.url, **client.usage.as_dict(),
-                     "wall_seconds": round(time.perf_counter() - llm_started, 1)}  # fmt: skip
+                     "wall_seconds": round(time.perf_counter() - llm_started, 1),
+                     "cache_only": client.options.cache_only, "latents_asked": asked,
+                     "latents_labelled": len(llm_labels)}  # fmt: skip
 
     final = {j: llm_labels.get(j, tfidf[j]) for j in tfidf}
     bg_mean = background_mean(p)

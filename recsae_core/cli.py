@@ -128,6 +128,12 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         default=0,
         help="label only this many latents with the language model (0 = all live latents)",
     )
+    interpret.add_argument(
+        "--llm-cache-only",
+        action="store_true",
+        help="label from RUN/concepts/llm_cache alone, without the endpoint: latents missing an answer keep their "
+        "metadata label (to look at a long run before it ends)",
+    )
     interpret.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pipe = sub.add_parser("pipeline", help="run every offline step in order, skipping finished ones")
@@ -283,10 +289,11 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     from recsae_core.catalog import CATALOG, CONCEPTS, REPORT, CatalogOptions, build_catalog
     from recsae_core.llm_client import LLMOptions
 
-    given = [f for f in ("llm_url", "llm_model", "llm_api_key") if getattr(args, f)]
+    given = [f for f in ("llm_url", "llm_model", "llm_api_key", "llm_cache_only") if getattr(args, f)]
     if args.labeler != "llm" and given:
         raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --labeler llm")
-    llm = LLMOptions(url=args.llm_url, model=args.llm_model, api_key=args.llm_api_key, concurrency=args.llm_concurrency)
+    llm = LLMOptions(url=args.llm_url, model=args.llm_model, api_key=args.llm_api_key, concurrency=args.llm_concurrency,
+                     cache_only=args.llm_cache_only)  # fmt: skip
     options = CatalogOptions(llm_latents=args.llm_latents, progress=not args.quiet)
     catalog = build_catalog(args.run, args.labeler, llm, options)
     summary = catalog["summary"]

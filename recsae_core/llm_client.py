@@ -5,6 +5,8 @@
   timeouts, 429 and 5xx, and fail at once, with the server's message, on other 4xx answers.
 - Every answer is cached on disk under sha256(model + request): a rerun costs nothing and a half-finished run
   resumes where it stopped.
+- `cache_only` answers from the cache alone and never contacts the endpoint (to look at a long run before it ends):
+  a missing answer raises `LLMCacheMiss`.
 - `yes_probability` asks for the first token's top log-probabilities and returns P(Yes) / (P(Yes) + P(No)):
   small models give useless 0-10 numbers but usable yes/no probabilities.
 """
@@ -21,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlparse
@@ -39,6 +41,10 @@ R = TypeVar("R")
 
 class LLMError(RecsaeError):
     """The language model endpoint is unreachable, misconfigured, or answered something unusable."""
+
+
+class LLMCacheMiss(LLMError):
+    """A cache-only client was asked something its cache does not hold."""
 
 
 @dataclass
@@ -61,9 +67,15 @@ class LLMOptions:
     """First back-off delay in seconds; doubled on every retry, with jitter."""
     cache_dir: Path | None = None
     """Folder of cached answers; None disables the cache."""
+    cache_only: bool = False
+    """Answer from the cache alone, never contacting the endpoint (the URL is then optional)."""
 
     def resolved(self) -> LLMOptions:
         url = self.url or os.environ.get(ENV_URL)
+        if self.cache_only:
+            if self.cache_dir is None:
+                raise LLMError("a cache-only language model client needs a cache folder")
+            return replace(self, url=url, model=self.model or os.environ.get(ENV_MODEL) or None)
         if not url:
             raise LLMError(f"no language model endpoint: pass --llm-url URL or set {ENV_URL}")
         parsed = urlparse(url if "://" in url else f"http://{url}")
@@ -149,7 +161,12 @@ class LLMClient:
     # ------------------------------------------------------------------ endpoint
 
     def check(self) -> str:
-        """Make sure the endpoint answers and pick the model; returns the model name."""
+        """Make sure the endpoint answers and pick the model; returns the model name. A cache-only client takes the
+        model from the cache when none is given."""
+        if self.options.cache_only:
+            if not self.model:
+                self.model = self._cached_model()
+            return self.model
         url = self.options.url
         try:
             response = self.http.get("/models")
@@ -175,6 +192,21 @@ class LLMClient:
             self.model = listed[0]
         return self.model
 
+    def _cached_model(self) -> str:
+        folder = self.options.cache_dir
+        models: set[str] = set()
+        for path in folder.glob("*/*.json") if folder is not None else ():
+            try:
+                models.add(str(json.loads(path.read_text())["request"]["model"]))
+            except (ValueError, KeyError, TypeError, OSError):
+                continue
+        if not models:
+            raise LLMError(f"the language model cache {folder} holds no answers: nothing to label from it")
+        if len(models) > 1:
+            raise LLMError(f"the cache {folder} holds answers of several models ({', '.join(sorted(models))}): "
+                           f"pass --llm-model NAME")  # fmt: skip
+        return models.pop()
+
     def _cache_path(self, key: str) -> Path | None:
         folder = self.options.cache_dir
         return None if folder is None else folder / key[:2] / f"{key}.json"
@@ -189,6 +221,8 @@ class LLMClient:
                 return json.loads(cache.read_text())["response"], True
             except (ValueError, KeyError, OSError):
                 pass  # a damaged entry is simply fetched again
+        if self.options.cache_only:
+            raise LLMCacheMiss(f"no cached answer for this {path} request")
         answer = self._post_with_retries(path, body)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

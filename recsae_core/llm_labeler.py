@@ -5,7 +5,7 @@ Requests go through `recsae_core.llm_client` (any OpenAI-compatible endpoint; ca
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -14,7 +14,9 @@ from recsae_core.labelers import slug
 from recsae_core.scoring import Labelled, best_threshold, score_latent
 
 if TYPE_CHECKING:  # httpx is only needed with the language-model labeler
-    from recsae_core.llm_client import Completion, LLMClient
+    from recsae_core.llm_client import LLMClient
+
+T = TypeVar("T")
 
 
 EXPLAIN_SYSTEM = (
@@ -93,32 +95,56 @@ def llm_label(
     """Explain each latent from its top `shown` describing samples (with levels, few-shot), then score the
     explanation by P(Yes) on held-out samples. The paper-protocol threshold is calibrated on the next `shown`
     describing samples (never shown) against as many background inactive samples; nothing held out is used.
-    `render(sample, level or None)` shows a sample; `levels[(latent, sample)]` gives shown samples' levels."""
+    `render(sample, level or None)` shows a sample; `levels[(latent, sample)]` gives shown samples' levels.
+    A cache-only client labels just the latents whose every answer is cached."""
 
-    def explain(s: LatentSamples) -> Completion:
+    def explain(s: LatentSamples) -> tuple[str, str] | None:
         texts = [render(int(i), levels.get((s.latent, int(i)))) for i in s.describe[:shown]]
-        return client.chat(explain_messages(texts), max_tokens=80)
+        answer = _or_missing(client, lambda: client.chat(explain_messages(texts), max_tokens=80))
+        return None if answer is None else parse_explanation(answer.text)
 
-    parsed = [parse_explanation(a.text) for a in client.map(explain, latents, "explain", progress)]
+    explained = {i: answer for i, answer in enumerate(client.map(explain, latents, "explain", progress)) if answer}
     kinds = ("calib_pos", "calib_neg", "paper_pos", "paper_neg", "detect_pos", "detect_neg")
     jobs: list[tuple[int, str, int]] = []
     for index, s in enumerate(latents):
+        if index not in explained:
+            continue
         groups = (s.describe[shown : 2 * shown], s.calibrate_neg[:shown], s.paper_pos, s.paper_neg, s.detect_pos,
                   s.detect_neg)  # fmt: skip
         jobs += [(index, kind, int(i)) for kind, ids in zip(kinds, groups, strict=True) for i in ids]
 
-    def detect(job: tuple[int, str, int]) -> float:
-        return client.yes_probability(detect_messages(parsed[job[0]][1], render(job[2], None))).p_yes
+    def detect(job: tuple[int, str, int]) -> float | None:
+        messages = detect_messages(explained[job[0]][1], render(job[2], None))
+        answer = _or_missing(client, lambda: client.yes_probability(messages))
+        return None if answer is None else answer.p_yes
 
     probs = client.map(detect, jobs, "detect", progress)
     by: dict[tuple[int, str], list[float]] = {}
+    incomplete = set(range(len(latents))) - set(explained)
     for (index, kind, _), p in zip(jobs, probs, strict=True):
-        by.setdefault((index, kind), []).append(p)
+        if p is None:
+            incomplete.add(index)
+        else:
+            by.setdefault((index, kind), []).append(p)
     out = {}
     for index, s in enumerate(latents):
+        if index in incomplete:
+            continue
         g = {k: np.asarray(by.get((index, k), []), dtype=float) for k in kinds}
         threshold = best_threshold(g["calib_pos"], g["calib_neg"]) if len(g["calib_pos"]) else 0.5
         scores = score_latent(g["paper_pos"], g["paper_neg"], g["detect_pos"], g["detect_neg"], threshold)
-        name, explanation = parsed[index]
+        name, explanation = explained[index]
         out[s.latent] = Labelled(name or "unnamed", explanation or "No explanation given.", scores, threshold)
     return out
+
+
+def _or_missing(client: LLMClient, ask: Callable[[], T]) -> T | None:
+    """The answer, or None when a cache-only client's cache lacks it (the latent then keeps its metadata label)."""
+    from recsae_core.llm_client import LLMCacheMiss
+
+    try:
+        return ask()
+    except LLMCacheMiss:
+        if not client.options.cache_only:
+            raise
+        return None

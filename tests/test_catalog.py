@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,15 @@ def test_llm_labeler_against_a_real_server(run_dir, llama_server, tmp_path):  # 
     assert second["summary"]["llm"]["cached"] == second["summary"]["llm"]["calls"] == usage["calls"]
     assert [c["description"] for c in second["concepts"]] == [c["description"] for c in first["concepts"]]
     assert second["version"] == first["version"]
+    # Cache-only, with nothing listening at the URL: the same catalog. Asked for every live latent, it labels only
+    # the one whose answers are all cached; the others keep their metadata labels.
+    cache_only = LLMOptions(url="http://127.0.0.1:9/v1", cache_only=True)
+    third = build_catalog(run, "llm", cache_only, options)
+    assert third["version"] == first["version"] and third["summary"]["llm"]["cached"] == usage["calls"]
+    every = build_catalog(run, "llm", cache_only, replace(options, llm_latents=0))
+    llm_usage = every["summary"]["llm"]
+    assert llm_usage["latents_labelled"] == 1 and llm_usage["latents_asked"] == every["summary"]["live_latents"] > 1
+    assert [c for c in every["concepts"] if c["labeler"] == "llm"] == llm
 
 
 def test_catalog_complete_tracks_the_sae_and_missing_inputs_are_named(run_dir, catalog, tmp_path):

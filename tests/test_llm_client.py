@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recsae_core.llm_client import ENV_MODEL, ENV_URL, LLMClient, LLMError, LLMOptions
+from recsae_core.llm_client import ENV_MODEL, ENV_URL, LLMCacheMiss, LLMClient, LLMError, LLMOptions
 from recsae_core.llm_labeler import detect_messages, explain_messages, parse_explanation
 
 pytestmark = pytest.mark.slow
@@ -204,6 +204,28 @@ def test_cache_makes_reruns_free_and_resumes_a_half_finished_run(proxy, tmp_path
     with LLMClient(options) as client:
         second = client.map(lambda q: client.yes_probability(q).p_yes, questions, progress=False)
         assert second == first and counting.forwarded == 6 and client.usage.cached == 6
+
+
+def test_cache_only_answers_from_the_cache_and_never_calls_the_server(proxy, tmp_path, monkeypatch):
+    counting = proxy(failures=0)
+    questions = [detect_messages("users who like horror", SAMPLE.replace("1979", str(1970 + i))) for i in range(3)]
+    with LLMClient(LLMOptions(url=counting.url, cache_dir=tmp_path / "cache")) as client:
+        model = client.check()
+        answered = [client.yes_probability(q).p_yes for q in questions[:2]]
+    assert counting.forwarded == 2
+    monkeypatch.delenv(ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_MODEL, raising=False)
+    with LLMClient(LLMOptions(cache_dir=tmp_path / "cache", cache_only=True)) as client:
+        assert client.check() == model  # taken from the cached answers
+        assert [client.yes_probability(q).p_yes for q in questions[:2]] == answered
+        with pytest.raises(LLMCacheMiss, match="no cached answer"):
+            client.yes_probability(questions[2])
+    assert counting.forwarded == 2
+    empty = LLMClient(LLMOptions(cache_dir=tmp_path / "empty", cache_only=True))
+    with empty, pytest.raises(LLMError, match=r"empty holds no answers: nothing to label from it"):
+        empty.check()
+    with pytest.raises(LLMError, match="needs a cache folder"):
+        LLMClient(LLMOptions(cache_only=True))
 
 
 def test_bad_urls_fail_with_a_clear_message(monkeypatch):
