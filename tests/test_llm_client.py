@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from recsae_core.llm_client import ENV_MODEL, ENV_URL, LLMCacheMiss, LLMClient, LLMError, LLMOptions
@@ -44,9 +45,10 @@ def smollm2_file() -> Path:
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory) -> Iterator[str]:
-    """`python -m llama_cpp.server` with SmolLM2 on a free loopback port; yields its /v1 URL."""
+    """llama-cpp-python's server (through recsae_core.llm_server, which only makes its log-probabilities lazy) with
+    SmolLM2 on a free loopback port; yields its /v1 URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_file()), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "recsae_core.llm_server", "--model", str(smollm2_file()), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1"]  # fmt: skip
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     log = log_path.open("w")  # a file, not a pipe: llama.cpp logs a lot and a full pipe would block it
@@ -226,6 +228,24 @@ def test_cache_only_answers_from_the_cache_and_never_calls_the_server(proxy, tmp
         empty.check()
     with pytest.raises(LLMError, match="needs a cache folder"):
         LLMClient(LLMOptions(cache_only=True))
+
+
+def test_launcher_computes_the_same_logprobs_for_the_rows_read():
+    from llama_cpp import Llama
+
+    from recsae_core.llm_server import LazyLogprobs, patch_llama
+
+    stock = Llama.logits_to_logprobs
+    logits = np.random.default_rng(0).normal(scale=5.0, size=(40, 5000)).astype(np.single)
+    expected = stock(logits)
+    assert patch_llama() and patch_llama()  # idempotent
+    try:
+        lazy = Llama.logits_to_logprobs(logits)
+        assert isinstance(lazy, LazyLogprobs) and len(lazy) == 40
+        assert np.array_equal(lazy[37:], expected[37:]) and np.array_equal(np.stack(list(lazy)), expected)
+        assert np.array_equal(Llama.logits_to_logprobs(logits[3]), expected[3])  # 1-D rows pass straight through
+    finally:
+        Llama.logits_to_logprobs = staticmethod(stock)
 
 
 def test_bad_urls_fail_with_a_clear_message(monkeypatch):
