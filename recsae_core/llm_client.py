@@ -130,13 +130,25 @@ class Usage:
     completion_tokens: int = 0
     """Generated tokens over all answers."""
     server_seconds: float = 0.0
-    """Time spent waiting for the server (summed over threads)."""
+    """Time spent waiting for the server in this client's lifetime (summed over threads)."""
+    answer_seconds: float = 0.0
+    """What the answers cost when first fetched, cached ones included (a run resumed over days reports its whole
+    cost), summed over the `answers_timed` answers whose cache entry recorded it."""
+    answers_timed: int = 0
+    """Answers with a recorded fetch time."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def as_dict(self) -> dict[str, float | int]:
-        return {k: getattr(self, k) for k in ("calls", "cached", "prompt_tokens", "completion_tokens")} | {
-            "server_seconds": round(self.server_seconds, 2)
-        }
+        counts = ("calls", "cached", "prompt_tokens", "completion_tokens", "answers_timed")
+        return {k: getattr(self, k) for k in counts} | {
+            "server_seconds": round(self.server_seconds, 2), "answer_seconds": round(self.answer_seconds, 2)
+        }  # fmt: skip
+
+    def timed(self, seconds: float | None) -> None:
+        if isinstance(seconds, int | float) and seconds >= 0:
+            with self.lock:
+                self.answer_seconds += float(seconds)
+                self.answers_timed += 1
 
 
 class LLMClient:
@@ -218,17 +230,23 @@ class LLMClient:
         cache = self._cache_path(key)
         if cache is not None and cache.is_file():
             try:
-                return json.loads(cache.read_text())["response"], True
-            except (ValueError, KeyError, OSError):
+                entry = json.loads(cache.read_text())
+                answer = entry["response"]
+                self.usage.timed(entry.get("seconds"))
+                return answer, True
+            except (ValueError, KeyError, TypeError, OSError):
                 pass  # a damaged entry is simply fetched again
         if self.options.cache_only:
             raise LLMCacheMiss(f"no cached answer for this {path} request")
+        started = time.perf_counter()
         answer = self._post_with_retries(path, body)
+        seconds = round(time.perf_counter() - started, 3)
+        self.usage.timed(seconds)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
             with os.fdopen(fd, "w") as handle:
-                json.dump({"request": body, "response": answer}, handle)
+                json.dump({"request": body, "response": answer, "seconds": seconds}, handle)
             os.replace(tmp, cache)
         return answer, False
 

@@ -206,6 +206,9 @@ def test_cache_makes_reruns_free_and_resumes_a_half_finished_run(proxy, tmp_path
     with LLMClient(options) as client:
         second = client.map(lambda q: client.yes_probability(q).p_yes, questions, progress=False)
         assert second == first and counting.forwarded == 6 and client.usage.cached == 6
+        # A resumed run still reports its whole cost: each entry recorded what its answer took when fetched.
+        usage = client.usage.as_dict()
+        assert usage["answers_timed"] == 6 and usage["answer_seconds"] > 0 and usage["server_seconds"] == 0
 
 
 def test_cache_only_answers_from_the_cache_and_never_calls_the_server(proxy, tmp_path, monkeypatch):
