@@ -293,7 +293,7 @@ def made_for(ctx: RunContext) -> dict[str, Any]:
 
 def policy_document(
     ctx: RunContext, target: str, edits: Sequence[Edit], strength: float, n_latents: int, budget: float,
-    dev_metrics: dict[str, float], previous: Path | None = None,
+    dev_metrics: dict[str, float], previous: Path | None = None, family: str = "screened",
 ) -> dict[str, Any]:  # fmt: skip
     """The JSON the service reads (description + edits) with target, strength, version and provenance."""
     version = 1
@@ -306,11 +306,12 @@ def policy_document(
     return {
         "name": target,
         "version": version,
-        "description": f"{target} de-biasing: {len(body)} SAE latent edits at strength {strength:g}, chosen on "
-        f"validation within {budget:.1%} relative NDCG@{K} loss",
+        "description": f"{target} de-biasing: {len(body)} SAE latent edits ({family}) at strength {strength:g}, "
+        f"chosen on validation within {budget:.1%} relative NDCG@{K} loss",
         "target": target,
         "strength": strength,
         "n_latents": n_latents,
+        "family": family,
         "edits": body,
         "made_for": made_for(ctx),
         "dev_metrics": dev_metrics,

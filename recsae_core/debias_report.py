@@ -173,7 +173,7 @@ def run_debias(
         weighting = chosen_point["weighting"]
         family = families[f"fit{n}" if weighting == "fit" else weighting]
         edits = policy_edits(family, n, 1.0 if gender else s)
-        doc = policy_document(ctx, target, edits, s, n, budget, chosen_point["dev_metrics"], policy_path)
+        doc = policy_document(ctx, target, edits, s, n, budget, chosen_point["dev_metrics"], policy_path, weighting)
         write_json(policy_path, doc)
         chosen = {"policy": target, "version": doc["version"], "strength": s, "n_latents": n,
                   "weighting": chosen_point["weighting"], "edits": doc["edits"], "metrics": chosen_point["metrics"],
