@@ -100,7 +100,7 @@ def llm_label(
 
     def explain(s: LatentSamples) -> tuple[str, str] | None:
         texts = [render(int(i), levels.get((s.latent, int(i)))) for i in s.describe[:shown]]
-        answer = _or_missing(client, lambda: client.chat(explain_messages(texts), max_tokens=80))
+        answer = _or_missing(lambda: client.chat(explain_messages(texts), max_tokens=80))
         return None if answer is None else parse_explanation(answer.text)
 
     explained = {i: answer for i, answer in enumerate(client.map(explain, latents, "explain", progress)) if answer}
@@ -115,7 +115,7 @@ def llm_label(
 
     def detect(job: tuple[int, str, int]) -> float | None:
         messages = detect_messages(explained[job[0]][1], render(job[2], None))
-        answer = _or_missing(client, lambda: client.yes_probability(messages))
+        answer = _or_missing(lambda: client.yes_probability(messages))
         return None if answer is None else answer.p_yes
 
     probs = client.map(detect, jobs, "detect", progress)
@@ -138,13 +138,11 @@ def llm_label(
     return out
 
 
-def _or_missing(client: LLMClient, ask: Callable[[], T]) -> T | None:
+def _or_missing(ask: Callable[[], T]) -> T | None:
     """The answer, or None when a cache-only client's cache lacks it (the latent then keeps its metadata label)."""
     from recsae_core.llm_client import LLMCacheMiss
 
     try:
         return ask()
-    except LLMCacheMiss:
-        if not client.options.cache_only:
-            raise
+    except LLMCacheMiss:  # only cache-only clients raise it
         return None
