@@ -17,7 +17,7 @@ python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tee "$out/pyt
 threads=$(( $(nproc) / 3 ))
 for spec in "sasrec --epochs 22" "lightgcn --epochs 100" "bprmf"; do
   set -- $spec
-  OMP_NUM_THREADS=$threads timeout "$limit" python3 -m recsae_core.cli train-recommender --dataset ml-1m \
+  OMP_NUM_THREADS=$threads timeout "$limit" python3 -m recsae_core.pipeline.cli train-recommender --dataset ml-1m \
     --model $spec --device cuda --quiet --out "$runs/$1" >"$out/train-$1.log" 2>&1 &
 done
 wait
@@ -25,7 +25,7 @@ for model in sasrec lightgcn bprmf; do
   cp "$runs/$model/recommender/metrics.json" "$out/train-$model.json" 2>/dev/null || echo "train $model: no metrics"
 done
 
-timeout "$limit" python3 -m recsae_core.cli train-sae --run "$runs/sasrec" --device cuda --quiet \
+timeout "$limit" python3 -m recsae_core.pipeline.cli train-sae --run "$runs/sasrec" --device cuda --quiet \
   --sae-max-minutes "$(python3 -c "print(round(($limit - 60) / 60, 2))")" >"$out/sae-sasrec.log" 2>&1
 cp "$runs/sasrec/sae/metrics.json" "$out/sae-sasrec.json" 2>/dev/null || echo "sae sasrec: no metrics"
 python3 - "$out" <<'EOF'

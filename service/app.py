@@ -21,15 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.deployment import Application
 
-from recsae_core.errors import ConfigError, RecsaeError
-from recsae_core.intervention import EditBounds
-from service.catalog import RequestError
+from recsae_core.common.errors import ConfigError, RecsaeError
+from recsae_core.sae.edits import EditBounds
 from service.engine import Engine, Row, RowResult, limit_threads
-from service.metrics import ServiceMetrics, policy_label
-from service.metrics import current as current_metrics
-from service.metrics import register as register_metrics
+from service.prometheus import ServiceMetrics, policy_label
+from service.prometheus import current as current_metrics
+from service.prometheus import register as register_metrics
 from service.query import query_request
 from service.schemas import RecommendRequest, RecommendResponse, ServiceConfig, validation_message
+from service.steering import RequestError
 
 log = logging.getLogger("recsae.service")
 ADMIN_TOKEN_ENV = "RECSAE_ADMIN_TOKEN"

@@ -20,7 +20,7 @@ import numpy as np
 
 from service.engine import Engine, Row, limit_threads
 from service.local import free_port, start_local
-from service.metrics import ServiceMetrics
+from service.prometheus import ServiceMetrics
 from service.schemas import RecommendRequest, ServiceConfig
 
 MODES = ("bare", "monitor", "steer")

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsae_core.cli import build_parser as core_parser
-from recsae_core.cli import command, positive_float, positive_int
-from recsae_core.cli import main as core_main
-from recsae_core.errors import ConfigError
+from recsae_core.common.errors import ConfigError
+from recsae_core.pipeline.cli import build_parser as core_parser
+from recsae_core.pipeline.cli import command, positive_float, positive_int
+from recsae_core.pipeline.cli import main as core_main
 
 
 def port(text: str) -> int:
@@ -61,7 +61,7 @@ def add_service_commands(sub: Any) -> None:
 
 
 def _check_bundle(folder: Path) -> None:
-    from recsae_core.bundle import load_bundle
+    from recsae_core.bundle.format import load_bundle
 
     load_bundle(folder)  # a bad bundle fails here in one line, before Ray starts
 

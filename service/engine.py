@@ -2,7 +2,7 @@
 
 Plain Python (no Ray), vectorised over a batch of requests where each row carries its own edits. Without edits the
 SAE only observes: h goes to the ranking untouched, so scores are the original model's. With edits,
-h' = h + (z' - z) W_dec (recsae_core.intervention), and every served item also gets its unsteered rank.
+h' = h + (z' - z) W_dec (recsae_core.sae.edits), and every served item also gets its unsteered rank.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsae_core.bundle import Bundle, load_bundle
-from recsae_core.intervention import UNITS, Edit, EditBounds, unit_scale
-from recsae_core.latent_stats import STATS_FILE, load_stats
-from recsae_core.probe import open_onnx
-from recsae_core.sae import TopKSAE
-from service.catalog import Catalog, RequestError, head_items
+from recsae_core.bundle.format import Bundle, load_bundle
+from recsae_core.common.layout import STATS_FILE
+from recsae_core.probe.collect import open_onnx
+from recsae_core.sae.edits import UNITS, Edit, EditBounds, unit_scale
+from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.stats import load_stats
 from service.schemas import RecommendRequest
+from service.steering import Catalog, RequestError, head_items
 
 log = logging.getLogger("recsae.service")
 STAGES = ("represent", "sae", "rank", "total")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from recsae_core.errors import ConfigError, RecsaeError
+from recsae_core.common.errors import ConfigError, RecsaeError
 
 APP_NAME = "recsae"
 BUILDER = "service.app:app_builder"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsae_core.cli import main
+from recsae_core.pipeline.cli import main
 
 
 def cli_refusal(capsys, args: list[str]) -> str:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from recsae_core.data import Dataset
+from recsae_core.data.datasets import Dataset
+from recsae_core.data.splits import Split
 from recsae_core.recommenders import LightGCN, Recommender
-from recsae_core.splits import Split
-from recsae_core.train import build_model
+from recsae_core.recommenders.train import build_model
 
 MODELS = ("bprmf", "lightgcn", "sasrec")
 

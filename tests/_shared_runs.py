@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from recsae_core.runs import train_step
-from recsae_core.train import TrainConfig
+from recsae_core.recommenders.run import train_step
+from recsae_core.recommenders.train import TrainConfig
 
 # Quality does not matter here, only real weights: the fewest epochs that train a real model.
 EPOCHS = {"sasrec": 1, "bprmf": 2}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recsae_core.data import Dataset, load_dataset
-from recsae_core.splits import Split, make_split
+from recsae_core.data.datasets import Dataset, load_dataset
+from recsae_core.data.splits import Split, make_split
 
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 

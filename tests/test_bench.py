@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from bundle_fixture import build_test_bundle
 
 from service.bench import MODES, LoadRun, replica_bench, summarize
 from service.engine import Engine
-from service.testing import build_test_bundle
 
 
 def test_summarize_pools_rounds_before_taking_percentiles():

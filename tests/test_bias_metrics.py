@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsae_core.bias_metrics import (
+from recsae_core.debias.bias_metrics import (
     bag_of_items,
     gini,
     head_mask,
@@ -15,7 +15,7 @@ from recsae_core.bias_metrics import (
     ndcg_gap,
     popularity_metrics,
 )
-from recsae_core.rerank import cohens_d, popsteer_weights, popularity_penalty, xquad
+from recsae_core.debias.rerank import cohens_d, popsteer_weights, popularity_penalty, xquad
 
 
 def test_head_is_the_smallest_popular_set_holding_20_percent() -> None:

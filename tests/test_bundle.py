@@ -16,19 +16,21 @@ import torch
 from _shared_runs import trained_run
 from safetensors.numpy import load_file, save_file
 
-from recsae_core import pipeline
-from recsae_core.bundle import FORMAT_VERSION, MANIFEST, load_bundle, verify_bundle, write_bundle
-from recsae_core.errors import ArtifactError
-from recsae_core.evaluate import pad_histories
-from recsae_core.export import contents_from_run
+from recsae_core.bundle.export import contents_from_run
+from recsae_core.bundle.format import FORMAT_VERSION, MANIFEST, load_bundle, verify_bundle, write_bundle
+from recsae_core.common.errors import ArtifactError
+from recsae_core.common.layout import RunLayout
+from recsae_core.pipeline import steps as pipeline
 from recsae_core.recommenders import Batch
-from recsae_core.runs import load_run
-from recsae_core.sae import TopKSAE
-from recsae_core.train import TrainConfig
+from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.run import load_run
+from recsae_core.recommenders.train import TrainConfig
+from recsae_core.sae.fit import SAEOptions
+from recsae_core.sae.model import TopKSAE
 
 pytestmark = pytest.mark.slow
 
-SAE_OPTIONS = pipeline.SAEOptions(n_latents=128, k=4, epochs=2, progress=False)
+SAE_OPTIONS = SAEOptions(n_latents=128, k=4, epochs=2, progress=False)
 NDCG_KEYS = {"original", "substituted", "error_preserving", "random_sae_substituted"}
 _BUILT: dict[str, dict] = {}
 
@@ -41,7 +43,7 @@ def build(tmp_path_factory, model: str) -> dict:
         metrics = pipeline.sae_step(run_dir, SAE_OPTIONS)
         result = pipeline.bundle_step(run_dir)
         _BUILT[model] = {"model": model, "run_dir": run_dir, "probe": probe, "metrics": metrics, "result": result,
-                         "ctx": load_run(run_dir), "bundle": load_bundle(run_dir / pipeline.BUNDLE)}  # fmt: skip
+                         "ctx": load_run(run_dir), "bundle": load_bundle(RunLayout(run_dir).bundle)}  # fmt: skip
     return _BUILT[model]
 
 
@@ -54,7 +56,7 @@ def built(request, tmp_path_factory) -> dict:
 def bundle_copy(tmp_path_factory, tmp_path) -> Path:
     """A private copy of the BPR-MF bundle to damage."""
     folder = tmp_path / "bundle"
-    shutil.copytree(build(tmp_path_factory, "bprmf")["run_dir"] / pipeline.BUNDLE, folder)
+    shutil.copytree(RunLayout(build(tmp_path_factory, "bprmf")["run_dir"]).bundle, folder)
     return folder
 
 
@@ -90,7 +92,7 @@ def test_probe_step(built):
 
 def test_sae_metrics(built):
     metrics = built["metrics"]
-    on_disk = json.loads((built["run_dir"] / pipeline.SAE / "metrics.json").read_text())
+    on_disk = json.loads((RunLayout(built["run_dir"]).sae / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     for key in ("fvu", "dead_fraction", "seconds", "ndcg@10"):
         assert key in on_disk, key
@@ -105,7 +107,7 @@ def test_sae_metrics(built):
     # AuxK's dead window is the option's sample count, capped at one epoch of this small probe.
     assert on_disk["dead_after"] == min(SAE_OPTIONS.dead_after, built["probe"]["n_samples"])
     assert 1 <= on_disk["epochs_trained"] <= 2
-    assert pipeline.sae_complete(built["run_dir"])
+    assert RunLayout(built["run_dir"]).sae_complete()
 
 
 # ---------------------------------------------------------------- the bundle
@@ -170,7 +172,7 @@ def test_load_bundle_round_trip(built):
         assert bundle.foldin is not None and bundle.foldin.shape == (64, n_items)
     sae = TopKSAE.load(bundle.sae_folder)
     assert (sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.k) == (64, 128, 4)
-    trained = TopKSAE.load(built["run_dir"] / pipeline.SAE)
+    trained = TopKSAE.load(RunLayout(built["run_dir"]).sae)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(sae, name), getattr(trained, name), atol=0, rtol=0)
     assert manifest["sae"]["d_in"] == 64 and manifest["sae"]["d_sae"] == 128
@@ -241,7 +243,7 @@ def broken_contents(tmp_path_factory, tmp_path):
     """Bundle contents whose SAE folder lacks latent_stats.safetensors: write_bundle fails after writing most files."""
     built = build(tmp_path_factory, "bprmf")
     sae = tmp_path / "broken-sae"
-    shutil.copytree(built["run_dir"] / pipeline.SAE, sae)
+    shutil.copytree(RunLayout(built["run_dir"]).sae, sae)
     (sae / "latent_stats.safetensors").unlink()
     work = tmp_path / "work"
     work.mkdir()
@@ -274,7 +276,7 @@ def test_crash_mid_write_keeps_previous_bundle(broken_contents, bundle_copy):
 
 def test_pipeline_rerun_skips_and_refuses_other_runs(tmp_path):
     run_dir = tmp_path / "run"
-    train, sae = TrainConfig(epochs=1, progress=False), pipeline.SAEOptions(n_latents=64, k=4, epochs=1, progress=False)
+    train, sae = TrainConfig(epochs=1, progress=False), SAEOptions(n_latents=64, k=4, epochs=1, progress=False)
     steps = ("recommender", "probe", "sae", "concepts", "bundle")
     first: list[str] = []
     summary = pipeline.run_pipeline(run_dir, "ml-100k", "bprmf", "recbole", train, sae, log=first.append)
@@ -282,7 +284,7 @@ def test_pipeline_rerun_skips_and_refuses_other_runs(tmp_path):
     for index, step in enumerate(steps, start=1):
         assert f"[{index}/5] {step}: running" in first
         assert any(line.startswith(f"[{index}/5] {step}: done in ") for line in first)
-    load_bundle(run_dir / pipeline.BUNDLE)
+    load_bundle(RunLayout(run_dir).bundle)
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
     second: list[str] = []

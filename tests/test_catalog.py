@@ -19,12 +19,13 @@ import pytest
 from _shared_runs import trained_run
 from test_llm_client import llama_server  # noqa: F401 (a fixture)
 
-from recsae_core.catalog import CATALOG, CONCEPTS, REPORT, CatalogOptions, build_catalog, catalog_complete
-from recsae_core.concepts import SampleOptions
-from recsae_core.errors import ArtifactError, ConfigError
-from recsae_core.latent_stats import STATS_FILE, load_stats
-from recsae_core.llm_client import LLMOptions
-from recsae_core.pipeline import SAEOptions, probe_step, sae_step
+from recsae_core.common.errors import ArtifactError, ConfigError
+from recsae_core.common.layout import STATS_FILE, RunLayout
+from recsae_core.concepts.catalog import CATALOG, REPORT, CatalogOptions, build_catalog
+from recsae_core.concepts.llm_client import LLMOptions
+from recsae_core.concepts.samples import SampleOptions
+from recsae_core.pipeline.steps import SAEOptions, probe_step, sae_step
+from recsae_core.sae.stats import load_stats
 
 pytestmark = pytest.mark.slow
 SMALL = CatalogOptions(samples=SampleOptions(n_background=5000), progress=False)
@@ -51,7 +52,7 @@ def catalog(run_dir) -> dict:
 
 
 def test_catalog_schema(run_dir, catalog):
-    on_disk = json.loads((run_dir / CONCEPTS / CATALOG).read_text())
+    on_disk = json.loads((RunLayout(run_dir).concepts / CATALOG).read_text())
     assert on_disk == catalog
     assert re.fullmatch(r"[0-9a-f]{16}", catalog["version"]) and catalog["labeler"] == "tfidf"
     summary = catalog["summary"]
@@ -106,7 +107,7 @@ def dump_dom(url: str, profile: Path) -> str:
 
 
 def test_report_in_headless_chromium(run_dir, catalog, tmp_path):
-    report = run_dir / CONCEPTS / REPORT
+    report = RunLayout(run_dir).concepts / REPORT
     assert report.is_file() and "http" not in re.sub(r'xmlns="http[^"]*"', "", report.read_text())  # self-contained
     n = len(catalog["concepts"])
     dom = dump_dom(report.as_uri(), tmp_path / "profile")
@@ -156,14 +157,14 @@ def test_llm_labeler_against_a_real_server(run_dir, llama_server, tmp_path):  # 
 
 
 def test_catalog_complete_tracks_the_sae_and_missing_inputs_are_named(run_dir, catalog, tmp_path):
-    assert catalog_complete(run_dir)
+    assert RunLayout(run_dir).catalog_complete()
     assert catalog["run"]["sae"]["weights_sha256"] and catalog["summary"]["seconds"] > 0
     copy = tmp_path / "run"
-    for part in ("recommender", "sae", CONCEPTS):
+    for part in ("recommender", "sae", "concepts"):
         shutil.copytree(run_dir / part, copy / part)
-    assert catalog_complete(copy)
+    assert RunLayout(copy).catalog_complete()
     weights = copy / "sae" / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes() + b" ")  # a retrained SAE makes the catalog stale
-    assert not catalog_complete(copy)
+    assert not RunLayout(copy).catalog_complete()
     with pytest.raises(ArtifactError, match=r"probe/meta.json: missing; run 'recsae train-sae"):
         build_catalog(copy, options=SMALL)

@@ -9,7 +9,7 @@ import pytest
 from _cli import cli_refusal
 from _shared_runs import trained_run
 
-from recsae_core.cli import build_parser
+from recsae_core.pipeline.cli import build_parser
 
 
 def test_parser_builds():

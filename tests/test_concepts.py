@@ -9,8 +9,20 @@ import scipy.sparse as sp
 import torch
 from sklearn.metrics import roc_auc_score
 
-from recsae_core.catalog import unique_names
-from recsae_core.concepts import (
+from recsae_core.concepts.catalog import unique_names
+from recsae_core.concepts.labelers import (
+    Simulator,
+    Term,
+    age_band,
+    describe_terms,
+    make_tfidf_label,
+    occupation_name,
+    popularity_bands,
+    tfidf_terms,
+)
+from recsae_core.concepts.llm_client import yes_share
+from recsae_core.concepts.llm_labeler import parse_explanation
+from recsae_core.concepts.samples import (
     SampleOptions,
     activation_levels,
     column_top_units,
@@ -21,22 +33,10 @@ from recsae_core.concepts import (
     select_samples,
     top_units,
 )
-from recsae_core.labelers import (
-    Simulator,
-    Term,
-    age_band,
-    describe_terms,
-    make_tfidf_label,
-    occupation_name,
-    popularity_bands,
-    tfidf_terms,
-)
-from recsae_core.latent_stats import LatentStats
-from recsae_core.llm_client import yes_share
-from recsae_core.llm_labeler import parse_explanation
-from recsae_core.sae import SAEConfig, TopKSAE
-from recsae_core.scoring import best_threshold, paper_confidence, roc_auc, score_latent, unit_coherence
-from recsae_core.splits import Ragged
+from recsae_core.concepts.scoring import best_threshold, paper_confidence, roc_auc, score_latent, unit_coherence
+from recsae_core.data.splits import Ragged
+from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.stats import LatentStats
 
 # ------------------------------------------------------------------------------------------------ levels
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from _models import MODELS, untrained
 
-from recsae_core.evaluate import evaluate, make_batch
-from recsae_core.intervention import Edit, EditBounds, Intervener, validate_edits
-from recsae_core.latent_stats import latent_statistics
 from recsae_core.recommenders import LightGCN
-from recsae_core.sae import SAEConfig, TopKSAE
-from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, train_sae
-from recsae_core.train import TrainConfig, train_recommender
+from recsae_core.recommenders.evaluate import evaluate, make_batch
+from recsae_core.recommenders.train import TrainConfig, train_recommender
+from recsae_core.sae.edits import Edit, EditBounds, Intervener, validate_edits
+from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.stats import latent_statistics
+from recsae_core.sae.train import SAETrainConfig, evaluate_reconstruction, train_sae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked on GPU")
 

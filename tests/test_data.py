@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsae_core.cli import main
-from recsae_core.data import k_core, load_dataset, locate_dataset, read_atomic
-from recsae_core.errors import DataError
+from recsae_core.common.errors import DataError
+from recsae_core.data.datasets import k_core, load_dataset, locate_dataset, read_atomic
+from recsae_core.pipeline.cli import main
 
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 

@@ -19,15 +19,17 @@ import pytest
 import torch
 from _shared_runs import trained_run
 
-from recsae_core.bias_metrics import popularity_metrics
-from recsae_core.bundle import sha256_file
-from recsae_core.debias import associate, benjamini_hochberg, debias, made_for
-from recsae_core.intervention import Edit, EditBounds, Intervener
-from recsae_core.latent_stats import STATS_FILE, load_stats
-from recsae_core.pipeline import SAEOptions, probe_step, sae_step
-from recsae_core.runs import load_run
-from recsae_core.sae import TopKSAE
-from service.catalog import Catalog, RequestError
+from recsae_core.bundle.format import sha256_file
+from recsae_core.common.layout import STATS_FILE
+from recsae_core.debias.bias_metrics import popularity_metrics
+from recsae_core.debias.experiment import debias
+from recsae_core.debias.screen import associate, benjamini_hochberg, made_for
+from recsae_core.pipeline.steps import SAEOptions, probe_step, sae_step
+from recsae_core.recommenders.run import load_run
+from recsae_core.sae.edits import Edit, EditBounds, Intervener
+from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.stats import load_stats
+from service.steering import Catalog, RequestError
 
 RUN_ENV = "RECSAE_TEST_RUN"
 
@@ -98,7 +100,7 @@ def test_policy_lowers_popularity_as_served(debias_run: tuple[Path, dict]) -> No
     sae = TopKSAE.load(run / "sae")
     intervener = Intervener(sae, load_stats(run / "sae" / STATS_FILE, sae.cfg.n_latents))
     edits = [Edit(**e) for e in policy["edits"]]
-    from recsae_core.evaluate import make_batch, mask_seen
+    from recsae_core.recommenders.evaluate import make_batch, mask_seen
 
     seen = ctx.split.seen("test")
     users = np.flatnonzero(ctx.split.targets("test").lengths > 0)
@@ -172,7 +174,7 @@ def test_policy_by_name_over_http(debias_run: tuple[Path, dict], tmp_path: Path)
     steering.policy) and refuses a policy made for another SAE."""
     import httpx
 
-    from recsae_core.pipeline import bundle_step
+    from recsae_core.pipeline.steps import bundle_step
     from service.local import free_port, start_local
 
     run, _ = debias_run

@@ -152,7 +152,7 @@ class Prometheus:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.testing import build_test_bundle
+    from bundle_fixture import build_test_bundle
 
     return build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")  # shared with test_service.py
 

@@ -17,9 +17,9 @@ from _cli import cli_refusal
 from safetensors.numpy import save_file
 from torch import nn
 
-from recsae_core.bundle import load_bundle
-from recsae_core.cli import main
-from recsae_core.sae import TopKSAE
+from recsae_core.bundle.format import load_bundle
+from recsae_core.pipeline.cli import main
+from recsae_core.sae.model import TopKSAE
 
 pytestmark = pytest.mark.slow
 

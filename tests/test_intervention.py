@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from recsae_core.errors import ArtifactError, ConfigError
-from recsae_core.intervention import Edit, EditBounds, Intervener, validate_edits
-from recsae_core.latent_stats import LatentStats, latent_statistics
-from recsae_core.sae import SAEConfig, TopKSAE
+from recsae_core.common.errors import ArtifactError, ConfigError
+from recsae_core.sae.edits import Edit, EditBounds, Intervener, validate_edits
+from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.stats import LatentStats, latent_statistics
 
 torch.set_num_threads(1)
 

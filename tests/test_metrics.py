@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from recsae_core.evaluate import evaluate, make_batch
-from recsae_core.metrics import hit_matrix, mean_metrics, ranking_metrics
-from recsae_core.train import build_model
+from recsae_core.recommenders.evaluate import evaluate, make_batch
+from recsae_core.recommenders.ranking_metrics import hit_matrix, mean_metrics, ranking_metrics
+from recsae_core.recommenders.train import build_model
 
 
 def metrics_for(topk: list[list[int]], targets: list[set[int]], ks: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -10,11 +10,12 @@ import pytest
 import torch
 from _models import MODELS, untrained
 
-from recsae_core.checkpoint import CONFIG, WEIGHTS, load_recommender, save_recommender
-from recsae_core.errors import ArtifactError
-from recsae_core.evaluate import make_batch, pad_histories
+from recsae_core.common.errors import ArtifactError
 from recsae_core.recommenders import Batch, LightGCN, SASRec
-from recsae_core.train import build_model
+from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.checkpoint import CONFIG, WEIGHTS, load_recommender, save_recommender
+from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.train import build_model
 
 USERS = np.array([0, 5, 17, 300, 938])
 

@@ -15,10 +15,13 @@ from onnx import TensorProto, helper
 from safetensors.numpy import load_file, save_file
 from torch import nn
 
-from recsae_core.errors import ArtifactError
-from recsae_core.evaluate import make_batch, pad_histories
-from recsae_core.probe import META, collect, collect_onnx, load_activations, probe_complete
-from recsae_core.runs import RunContext, load_run
+from recsae_core.common.errors import ArtifactError
+from recsae_core.common.layout import PROBE_META as META
+from recsae_core.common.layout import RunLayout
+from recsae_core.probe.collect import collect, collect_onnx, load_activations
+from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.run import RunContext, load_run
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +56,7 @@ def test_bprmf_one_sample_per_user(bprmf):
     np.testing.assert_array_equal(positions, ctx.split.train.lengths - 1)
     meta = json.loads((result.folder / META).read_text())
     assert (meta["n_samples"], meta["d"], meta["sample"], meta["source"]) == (n_users, 64, "user", "bprmf")
-    assert probe_complete(result.folder.parent)
+    assert RunLayout(result.folder.parent).probe_complete()
 
 
 def test_bprmf_h_is_represent(bprmf):
@@ -132,7 +135,7 @@ def test_load_activations_refuses_missing_shard(bprmf, tmp_path):
     ctx = bprmf[0]
     result, *_ = probe_into(ctx, tmp_path, rows_per_shard=300)
     (result.folder / result.shards[2]).unlink()
-    assert not probe_complete(tmp_path)
+    assert not RunLayout(tmp_path).probe_complete()
     with pytest.raises(ArtifactError, match=result.shards[2]):
         load_activations(result.folder)
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from recsae_core.errors import ArtifactError, ConfigError
-from recsae_core.latent_stats import STATS_FILE, latent_statistics, load_stats, save_stats
-from recsae_core.sae import CFG, WEIGHTS, SAEConfig, TopKSAE, fvu
-from recsae_core.sae_train import SAETrainConfig, evaluate_reconstruction, random_sae, train_sae
+from recsae_core.common.errors import ArtifactError, ConfigError
+from recsae_core.common.layout import STATS_FILE
+from recsae_core.sae.model import CFG, WEIGHTS, SAEConfig, TopKSAE, fvu
+from recsae_core.sae.stats import latent_statistics, load_stats, save_stats
+from recsae_core.sae.train import SAETrainConfig, evaluate_reconstruction, random_sae, train_sae
 
 torch.set_num_threads(1)
 
@@ -260,7 +261,7 @@ def test_early_stopping_keeps_the_best_selected_epoch():
 
 
 def test_selection_tolerance_prefers_the_better_reconstruction_among_tied_scores():
-    from recsae_core.sae_train import _keep
+    from recsae_core.sae.train import _keep
 
     tol = SAETrainConfig(select_tolerance=0.01, min_fvu_gain=0.005)
     strict = SAETrainConfig()

@@ -1,6 +1,6 @@
 """The HTTP service against a real Ray Serve deployment on loopback, started once for this module.
 
-Nothing is mocked: a real bundle (SASRec on ML-100K + TopK SAE, see service.testing), a local Ray with its metrics
+Nothing is mocked: a real bundle (SASRec on ML-100K + TopK SAE, see bundle_fixture), a local Ray with its metrics
 agent on a fixed port, the app deployed through a Serve config exactly as in production, requests over httpx.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from bundle_fixture import build_test_bundle
 
 from service.app import ADMIN_TOKEN_ENV
 from service.engine import Engine
 from service.local import LocalService, app_config, free_port, start_local
-from service.testing import build_test_bundle
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from recsae_core.errors import ConfigError
+from recsae_core.common.errors import ConfigError
 from service.app import app, app_builder
 from service.cli import main
 

@@ -1,6 +1,6 @@
 """The service's engine, schemas and metric helpers without Ray (the HTTP service is tested in test_service.py).
 
-Uses a real bundle (SASRec on ML-100K + a TopK SAE, built by service.testing or taken from $RECSAE_TEST_BUNDLE).
+Uses a real bundle (SASRec on ML-100K + a TopK SAE, built by bundle_fixture or taken from $RECSAE_TEST_BUNDLE).
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bundle_fixture import build_test_bundle
 from pydantic import ValidationError
 
-from recsae_core.bundle import InputSpec
-from recsae_core.intervention import Edit
-from service.catalog import RequestError, head_items, suggest
+from recsae_core.bundle.format import InputSpec
+from recsae_core.sae.edits import Edit
 from service.engine import Engine, Row
-from service.metrics import OTHER, ConceptLabels, LiveWindow
+from service.prometheus import OTHER, ConceptLabels, LiveWindow
 from service.schemas import RecommendRequest, ServiceConfig, validation_message
-from service.testing import build_test_bundle
+from service.steering import RequestError, head_items, suggest
 
 pytestmark = pytest.mark.slow
 CONFIG = ServiceConfig(bundle="unused", max_k=50, max_history=20, max_edits=4)
@@ -119,7 +119,7 @@ def test_monitoring_path_matches_the_torch_sae(engine: Engine) -> None:
 
 def test_engine_steering_matches_the_library_intervener(engine: Engine) -> None:
     """The engine's numpy steering path and recsae_core's torch Intervener give the same h' for every op and unit."""
-    from recsae_core.intervention import Edit, Intervener
+    from recsae_core.sae.edits import Edit, Intervener
 
     rows = [Row(user=u) for u in range(6)]
     plain, _ = engine.recommend(rows)
@@ -261,7 +261,7 @@ def test_metric_updates_are_buffered_and_summed_until_flush():
     their Prometheus export are checked end to end in test_service.py's scrape test)."""
     from collections import defaultdict
 
-    from service.metrics import ServiceMetrics
+    from service.prometheus import ServiceMetrics
 
     class Recorder:
         def __init__(self) -> None:

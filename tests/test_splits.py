@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsae_core.data import load_dataset
-from recsae_core.errors import ConfigError
-from recsae_core.splits import Ragged, make_split, recbole_ratio_counts
+from recsae_core.common.errors import ConfigError
+from recsae_core.data.datasets import load_dataset
+from recsae_core.data.splits import Ragged, make_split, recbole_ratio_counts
 
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 RATIOS = (0.8, 0.1, 0.1)

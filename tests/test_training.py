@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from recsae_core.cli import main
-from recsae_core.errors import ConfigError, DataError
-from recsae_core.evaluate import evaluate
-from recsae_core.runs import load_run, recommender_complete, train_step
-from recsae_core.train import TrainConfig
+from recsae_core.common.errors import ConfigError, DataError
+from recsae_core.common.layout import RunLayout
+from recsae_core.pipeline.cli import main
+from recsae_core.recommenders.evaluate import evaluate
+from recsae_core.recommenders.run import load_run, train_step
+from recsae_core.recommenders.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +69,7 @@ def test_metrics_contract(trained):
 
 def test_run_reloads_to_the_same_test_metrics(trained):
     name, run_dir, metrics = trained
-    assert recommender_complete(run_dir)
+    assert RunLayout(run_dir).recommender_complete()
     run = load_run(run_dir)
     assert run.model.name == name and not run.model.training
     assert run.config["dataset"] == "ml-100k" and run.config["n_items"] == 1016
@@ -120,4 +121,4 @@ def test_cli_train_prints_summary(tmp_path, capsys):
         "epochs_trained": 1,
     }
     assert set(summary["test"]) == {f"{m}@10" for m in ("hit", "recall", "precision", "mrr", "ndcg")}
-    assert recommender_complete(tmp_path)
+    assert RunLayout(tmp_path).recommender_complete()

@@ -1,4 +1,5 @@
-"""The three recommender families the method is demonstrated on, behind one interface."""
+"""Stage 2, recommenders. Takes a Dataset and Split; produces a trained BPR-MF, LightGCN or SASRec behind one
+interface (represent -> h, score), its evaluation, and the run folder's recommender/ (RunContext reloads it)."""
 
 from recsae_core.recommenders.base import Batch, Recommender, RecommenderConfig
 from recsae_core.recommenders.bprmf import BPRMF

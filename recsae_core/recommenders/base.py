@@ -58,7 +58,7 @@ class Recommender(nn.Module):
         return scores if bias is None else scores + bias
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Training loss for one batch built by the matching sampler in `recsae_core.train`."""
+        """Training loss for one batch built by the matching sampler in `recsae_core.recommenders.train`."""
         raise NotImplementedError
 
     def config_dict(self) -> dict:

@@ -1,0 +1,182 @@
+"""Turning a trained run, or a recommender we did not train, into bundle contents (ONNX + items + users)."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsae_core.bundle.format import BundleContents, InputSpec, read_tensors, sha256_file
+from recsae_core.common.errors import ArtifactError, DataError
+from recsae_core.common.layout import MODEL_WEIGHTS, RunLayout
+from recsae_core.data.splits import Ragged
+from recsae_core.probe.collect import h_output, load_inputs, open_onnx
+from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.run import RunContext
+
+PARITY_TOLERANCE = 1e-5
+
+
+def export_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
+    """Export `module(input) -> h` with a dynamic batch axis."""
+    module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape-to-int conversions are expected here
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=["h"],
+            dynamic_axes={input_name: {0: "batch"}, "h": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    module.eval()  # export restores the module's previous mode; make sure it is eval for the parity check
+
+
+def full_histories(ctx: RunContext) -> Ragged:
+    """Every known item of every user in time order (train, then valid, then test): what the service sees."""
+    split = ctx.split
+    return Ragged.from_lists(
+        [np.concatenate([split.train.row(u), split.valid.row(u), split.test.row(u)]) for u in range(split.n_users)]
+    )
+
+
+def ridge_foldin(item_embeddings: np.ndarray, reg: float = 1.0) -> np.ndarray:
+    """(d, n_items) map P with h = P @ y the ridge fit of y ~ E h, y the 0/1 history vector of a new user."""
+    e = item_embeddings.astype(np.float64)
+    gram = e.T @ e + reg * np.eye(e.shape[1])
+    return np.linalg.solve(gram, e.T).astype(np.float32)
+
+
+def check_parity(ctx: RunContext, onnx_path: Path, users: np.ndarray, seen: Ragged) -> dict[str, float]:
+    """ONNX Runtime vs PyTorch on real users: max |h| and |score| differences; refuses to bundle past tolerance."""
+    session = open_onnx(onnx_path)
+    batch = make_batch(ctx.model, users, seen, "cpu")
+    feed = {session.get_inputs()[0].name: (batch.history if ctx.model.sequential else batch.users).numpy()}
+    with torch.no_grad():
+        h_torch = ctx.model.represent(batch)
+        s_torch = ctx.model.score(h_torch).numpy()
+    h_onnx = session.run(["h"], feed)[0]
+    s_onnx = h_onnx @ ctx.model.item_embeddings().detach().numpy().T
+    bias = ctx.model.item_bias()
+    if bias is not None:
+        s_onnx = s_onnx + bias.detach().numpy()
+    parity = {
+        "users_checked": len(users),
+        "max_abs_h_diff": float(np.abs(h_onnx - h_torch.numpy()).max()),
+        "max_abs_score_diff": float(np.abs(s_onnx - s_torch).max()),
+    }
+    if parity["max_abs_h_diff"] > PARITY_TOLERANCE or parity["max_abs_score_diff"] > PARITY_TOLERANCE:
+        raise ArtifactError(f"{onnx_path}: ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE}: {parity}")
+    return parity
+
+
+def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple[BundleContents, dict[str, float]]:
+    """Export a trained run's recommender and gather everything the bundle needs."""
+    model = ctx.model.cpu().eval()
+    seen = full_histories(ctx)
+    onnx_path = workdir / "model.onnx"
+    if model.sequential:
+        max_len = model.config.max_len
+        history = pad_histories([seen.row(u) for u in range(ctx.split.n_users)], max_len, model.config.n_items)
+        export_onnx(model.export_module(), torch.from_numpy(history[:2]), "history", onnx_path)
+        inputs = InputSpec("history", ["history"], "history", max_len, model.config.n_items)
+        user_inputs = {"history": history}
+    else:
+        export_onnx(model.export_module(), torch.arange(2), "user", onnx_path)
+        inputs = InputSpec("user", ["user"])
+        user_inputs = {"user": np.arange(ctx.split.n_users, dtype=np.int64)}
+    rng = np.random.default_rng(0)
+    parity = check_parity(ctx, onnx_path, rng.choice(ctx.split.n_users, min(512, ctx.split.n_users), False), seen)
+    item_embeddings = model.item_embeddings().detach().numpy()
+    bias = model.item_bias()
+    meta = {
+        "dataset": ctx.config["dataset"],
+        "model": model.name,
+        "protocol": ctx.config["protocol"],
+        "seed": ctx.config["seed"],
+    }
+    checkpoint = RunLayout(ctx.root).recommender / MODEL_WEIGHTS
+    if checkpoint.is_file():  # policies record the checkpoint they were made for; the service compares
+        meta["recommender_sha256"] = sha256_file(checkpoint)
+    contents = BundleContents(
+        onnx_path=onnx_path,
+        inputs=inputs,
+        item_embeddings=item_embeddings,
+        item_ids=ctx.dataset.item_tokens,
+        titles=ctx.dataset.item_meta.titles,
+        genres=ctx.dataset.item_meta.genres,
+        years=ctx.dataset.item_meta.years,
+        popularity=ctx.split.item_popularity(),
+        user_ids=ctx.dataset.user_tokens,
+        user_inputs=user_inputs,
+        seen=(seen.indptr, seen.values),
+        sae_folder=sae_folder,
+        meta=meta,
+        item_bias=None if bias is None else bias.detach().numpy(),
+        foldin=None if model.sequential else ridge_foldin(item_embeddings),
+    )
+    return contents, parity
+
+
+def read_items_csv(path: Path, n_items: int) -> tuple[list[str], list[str], list[list[str]], np.ndarray]:
+    """ids, titles, genres ('|'-separated) and popularity (optional column) from an items CSV, one row per item."""
+    if not path.is_file():
+        raise DataError(f"{path}: items file not found")
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or "item_id" not in rows[0]:
+        raise DataError(f"{path}: expected a header with at least 'item_id' (optional: title, genres, popularity)")
+    if len(rows) != n_items:
+        raise DataError(f"{path}: {len(rows)} item rows, but the item embedding matrix has {n_items} rows")
+    ids = [r["item_id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: item_id values are not unique")
+    titles = [r.get("title") or r["item_id"] for r in rows]
+    genres = [[g for g in (r.get("genres") or "").split("|") if g] for r in rows]
+    try:
+        popularity = np.array([int(r.get("popularity") or 0) for r in rows], dtype=np.int64)
+    except ValueError:
+        raise DataError(f"{path}: 'popularity' must be an integer count") from None
+    return ids, titles, genres, popularity
+
+
+def contents_from_onnx(
+    onnx_path: Path, embeddings_path: Path, items_csv: Path, user_inputs_path: Path, sae_folder: Path, name: str
+) -> BundleContents:
+    """Bundle contents around a recommender we did not train: its ONNX `inputs -> h`, its item matrix and items."""
+    session = open_onnx(onnx_path)
+    user_inputs = load_inputs(user_inputs_path, session)
+    tensors = read_tensors(embeddings_path)
+    if "item_embeddings" not in tensors:
+        raise ArtifactError(f"{embeddings_path}: needs a tensor named 'item_embeddings' (n_items, d)")
+    emb = tensors["item_embeddings"].astype(np.float32)
+    if emb.ndim != 2 or not np.isfinite(emb).all():
+        raise ArtifactError(f"{embeddings_path}: item_embeddings must be a finite 2-D matrix, got shape {emb.shape}")
+    bias = tensors.get("item_bias")
+    ids, titles, genres, popularity = read_items_csv(items_csv, len(emb))
+    n_users = len(next(iter(user_inputs.values())))
+    probe = session.run([h_output(session, onnx_path)], {k: v[:1] for k, v in user_inputs.items()})[0]
+    if probe.shape[-1] != emb.shape[1]:
+        raise ArtifactError(f"{onnx_path}: h has width {probe.shape[-1]} but item_embeddings has d={emb.shape[1]}")
+    return BundleContents(
+        onnx_path=onnx_path,
+        inputs=InputSpec("custom", list(user_inputs)),
+        item_embeddings=emb,
+        item_ids=ids,
+        titles=titles,
+        genres=genres,
+        popularity=popularity,
+        user_ids=[str(i) for i in range(n_users)],
+        user_inputs=user_inputs,
+        seen=(np.zeros(n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)),
+        sae_folder=sae_folder,
+        meta={"dataset": name, "model": "imported-onnx", "source": str(onnx_path)},
+        item_bias=None if bias is None else bias.astype(np.float32),
+    )

@@ -1,0 +1,321 @@
+"""Targeted de-biasing: find the SAE latents behind a bias, rank them by measured effect, sweep a steering policy's
+strength against re-ranking baselines, and save the policy the service applies by name.
+
+Everything is selected on the validation stage (latent association, causal screen, operating point); the test
+stage is only measured. Policies are applied exactly as the service applies them (Intervener, error-preserving).
+
+Policy families and what "strength" means:
+- popularity: nudges in std units on the n best-screened latents, either each latent's own screened direction
+  (+-1 std, "screened") or least-squares weights that make the nudges act like a popularity penalty ("fit");
+  strength multiplies every value. The sweep covers n and strength.
+- gender: each of the n best-screened latents is pinned at its dev mean (std units), which removes that latent's
+  variation across users (and so its gender signal) without shifting the average h; strength = n. A second family
+  ("gap-safe") takes only the latents whose pin alone did not widen the dev NDCG gap, because the operating point
+  must not widen it and pins that each widen it rarely add up to one that does not.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from scipy import stats as sps
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from recsae_core.common.artifacts import read_json, sha256_file
+from recsae_core.common.errors import ConfigError
+from recsae_core.common.layout import MODEL_WEIGHTS, SAE_WEIGHTS, RunLayout
+from recsae_core.data.splits import Stage
+from recsae_core.debias.bias_metrics import leakage_auc, ndcg_at_k, ndcg_gap, popularity_metrics
+from recsae_core.debias.rerank import cohens_d
+from recsae_core.recommenders.evaluate import make_batch, mask_seen
+from recsae_core.recommenders.run import RunContext
+from recsae_core.sae.edits import Edit, Intervener
+
+TARGETS = ("popularity", "gender")
+K = 10
+
+
+@dataclass
+class StageData:
+    """Everything about one evaluation stage that does not change between sweep points."""
+
+    stage: Stage
+    """'valid' (selection) or 'test' (reporting)."""
+    users: np.ndarray
+    """Evaluated users (those with targets at this stage)."""
+    h: Tensor
+    """(users, d) unedited representations."""
+    scores: Tensor
+    """(users, n_items) unedited scores, seen items at -inf."""
+    targets: list[np.ndarray]
+    """Each user's target items."""
+    female: np.ndarray | None
+    """Boolean per user (gender target only)."""
+    history_auc: float | None
+    """Leakage AUC of the users' own histories (gender target only)."""
+
+
+class LatentAssociation(NamedTuple):
+    """Association of every latent with the bias, on the dev stage."""
+
+    d: np.ndarray
+    """(n_latents,) Cohen's d, group a (popular lists / female users) minus group b."""
+    p: np.ndarray
+    """(n_latents,) Welch t-test p-values (1 for latents constant in both groups)."""
+    significant: np.ndarray
+    """(n_latents,) bool: discoveries under Benjamini-Hochberg at the chosen FDR."""
+
+
+class Candidate(NamedTuple):
+    """A latent with its measured causal effect on the dev stage."""
+
+    latent: int
+    """Latent index."""
+    edit: Edit
+    """The unit-strength edit tested."""
+    bias_drop: float
+    """Reduction of the bias objective (relative ARP drop, or drop of |AUC - 0.5|)."""
+    ndcg_loss: float
+    """Relative NDCG@10 loss."""
+    efficiency: float
+    """bias_drop / max(ndcg_loss, floor)."""
+    gap_change: float = 0.0
+    """Change of the dev NDCG@10 gap between female and male users (gender; 0 for popularity)."""
+
+
+def benjamini_hochberg(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """BH step-up: (reject mask, adjusted p-values) controlling the false discovery rate at q."""
+    p = np.asarray(p, dtype=np.float64)
+    n = len(p)
+    order = np.argsort(p, kind="stable")
+    ranked = p[order] * n / np.arange(1, n + 1)
+    adjusted_sorted = np.minimum(np.minimum.accumulate(ranked[::-1])[::-1], 1.0)
+    adjusted = np.empty(n)
+    adjusted[order] = adjusted_sorted
+    passing = np.flatnonzero(p[order] <= q * np.arange(1, n + 1) / n)
+    reject = np.zeros(n, dtype=bool)
+    if len(passing):
+        reject[order[: passing.max() + 1]] = True
+    return reject, adjusted
+
+
+def associate(z: np.ndarray, group_a: np.ndarray, group_b: np.ndarray, q: float = 0.05) -> LatentAssociation:
+    """Cohen's d and Welch t-test of each latent's activation between two groups of rows, with BH at q."""
+
+    a, b = z[group_a], z[group_b]
+    d = cohens_d(a, b)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = sps.ttest_ind(a, b, axis=0, equal_var=False).pvalue
+    p = np.where(np.isfinite(p), p, 1.0)
+    significant, _ = benjamini_hochberg(p, q)
+    return LatentAssociation(d, p, significant)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def stage_data(ctx: RunContext, stage: Stage, gender: bool, batch_size: int = 1024) -> StageData:
+    seen, targets = ctx.split.seen(stage), ctx.split.targets(stage)
+    users = np.flatnonzero(targets.lengths > 0)
+    hs, scores = [], []
+    for start in range(0, len(users), batch_size):
+        chunk = users[start : start + batch_size]
+        h = ctx.model.represent(make_batch(ctx.model, chunk, seen, "cpu"))
+        hs.append(h)
+        scores.append(mask_seen(ctx.model.score(h).float(), chunk, seen))
+    female, history_auc = None, None
+    if gender:
+        meta = ctx.dataset.user_meta
+        if meta is None or getattr(meta, "gender", None) is None:
+            raise ConfigError(f"dataset '{ctx.config.get('dataset')}' has no user gender; --target gender needs it")
+        genders = np.asarray(meta.gender, dtype=object)[users]
+        keep = np.isin(genders, ["M", "F"])
+        users = users[keep]
+        hs, scores = [torch.cat(hs)[torch.as_tensor(keep)]], [torch.cat(scores)[torch.as_tensor(keep)]]
+        female = genders[keep] == "F"
+        history_auc = leakage_auc([seen.row(u) for u in users], female, ctx.split.n_items)
+    return StageData(stage, users, torch.cat(hs), torch.cat(scores), [targets.row(u) for u in users], female,
+                     history_auc)  # fmt: skip
+
+
+class Evaluator:
+    """Top-10 lists and all metrics for a stage under a representation transform or a re-ranker."""
+
+    def __init__(self, ctx: RunContext, data: StageData, popularity: np.ndarray, head: np.ndarray) -> None:
+        self.ctx, self.data, self.popularity, self.head = ctx, data, popularity, head
+        self.seen = ctx.split.seen(data.stage)
+
+    @torch.no_grad()
+    def scores(self, transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+        if transform is None:
+            return self.data.scores
+        h = transform(self.data.h)
+        return mask_seen(self.ctx.model.score(h).float(), self.data.users, self.seen)
+
+    def metrics(self, topk: np.ndarray) -> dict[str, float]:
+        ndcg = ndcg_at_k(topk, self.data.targets)
+        out = {f"ndcg@{K}": float(ndcg.mean()), **popularity_metrics(topk, self.popularity, self.head)}
+        if self.data.female is not None:
+            out["leakage_auc"] = leakage_auc(topk, self.data.female, self.ctx.split.n_items)
+            out["history_leakage_auc"] = float(self.data.history_auc)
+            out["ndcg_gap"] = ndcg_gap(ndcg, self.data.female)
+        return {k: round(v, 6) for k, v in out.items()}
+
+    def steer(self, transform: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
+        return self.metrics(self.scores(transform).topk(K, dim=1).indices.numpy())
+
+
+def policy_transform(intervener: Intervener, edits: Sequence[Edit]) -> Callable[[Tensor], Tensor] | None:
+    """h -> h' as served: the same edits on every row, error-preserving."""
+    edits = list(edits)
+    if not edits:
+        return None
+    return lambda h: intervener.steer_all(h, edits).h_new
+
+
+def objective(metrics: dict[str, float], target: str) -> float:
+    """The bias number a target minimises: ARP@10, or the leakage AUC's distance from 0.5."""
+    return metrics[f"arp@{K}"] if target == "popularity" else abs(metrics["leakage_auc"] - 0.5)
+
+
+def rel_loss(metrics: dict[str, float], original: dict[str, float]) -> float:
+    base = original[f"ndcg@{K}"]
+    return (base - metrics[f"ndcg@{K}"]) / base if base > 0 else 0.0
+
+
+# ---------------------------------------------------------------- latent finding
+
+
+def contrast_groups(ev: Evaluator, target: str) -> tuple[np.ndarray, np.ndarray]:
+    """Popularity: users whose original top-10 ARP is in the top vs bottom quartile. Gender: female vs male."""
+    if target == "gender":
+        return ev.data.female, ~ev.data.female
+    topk = ev.data.scores.topk(K, dim=1).indices.numpy()
+    arp = ev.popularity[topk].mean(axis=1)
+    low, high = np.quantile(arp, [0.25, 0.75])
+    return arp >= high, arp <= low
+
+
+def screen_edits(latent: int, d: float, target: str, mean_std: float) -> list[Edit]:
+    """Unit-strength edits tried for a candidate: both nudge directions (popularity), or pinning the latent at
+    its dev mean, in std units (gender: removes the latent's variation across users)."""
+    if target == "popularity":
+        return [Edit(latent, "nudge", -1.0, "std"), Edit(latent, "nudge", 1.0, "std")]
+    return [Edit(latent, "pin", round(mean_std, 6), "std")]
+
+
+def find_latents(
+    ev: Evaluator, intervener: Intervener, target: str, original: dict[str, float], q: float = 0.05,
+    max_candidates: int = 24, loss_floor: float = 0.005, progress: bool = True,
+) -> tuple[LatentAssociation, list[Candidate]]:  # fmt: skip
+    """BH-controlled association on dev, then the causal screen of the strongest discoveries, ranked by bias
+    reduction per unit of relative NDCG@10 lost (only latents that reduce the bias are kept)."""
+    with torch.no_grad():
+        z = intervener.sae.encode(ev.data.h.float()).numpy()
+    group_a, group_b = contrast_groups(ev, target)
+    assoc = associate(z, group_a, group_b, q)
+    std = intervener.stats.std_activation.numpy()
+    found = np.flatnonzero(assoc.significant & (std > 0))
+    found = found[np.argsort(-np.abs(assoc.d[found]))][:max_candidates]
+    base = objective(original, target)
+    candidates: list[Candidate] = []
+    for latent in tqdm(found, desc=f"causal screen ({target})", disable=not progress):
+        mean_std = float(z[:, latent].mean() / std[latent])
+        best: Candidate | None = None
+        for edit in screen_edits(int(latent), float(assoc.d[latent]), target, mean_std):
+            metrics = ev.steer(policy_transform(intervener, [edit]))
+            drop = base - objective(metrics, target)
+            drop = drop / base if target == "popularity" and base > 0 else drop
+            loss = rel_loss(metrics, original)
+            gap = metrics["ndcg_gap"] - original["ndcg_gap"] if target == "gender" else 0.0
+            cand = Candidate(int(latent), edit, drop, loss, drop / max(loss, loss_floor), gap)
+            if best is None or cand.efficiency > best.efficiency:
+                best = cand
+        if best is not None and best.bias_drop > 0:
+            candidates.append(best)
+    candidates.sort(key=lambda c: -c.efficiency)
+    return assoc, candidates
+
+
+def fit_weights(
+    candidates: Sequence[Candidate], intervener: Intervener, item_embeddings: Tensor, popularity: np.ndarray
+) -> list[Candidate]:
+    """Nudge values for the candidates by least squares: the per-item score shift of a 1-std nudge of each latent
+    (W_dec[j] . e_i * std_j) regressed onto -zscore(log(1 + pop)), so that together they act like a popularity
+    penalty; values are rescaled to a largest |value| of 1 std (strength then multiplies them)."""
+    if not candidates:
+        return []
+    latents = torch.as_tensor([c.latent for c in candidates])
+    with torch.no_grad():
+        std = intervener.stats.std_activation.float()[latents]
+        shift = (intervener.sae.W_dec[latents].float() @ item_embeddings.float().T) * std[:, None]
+    log_pop = np.log1p(popularity)
+    goal = -(log_pop - log_pop.mean()) / max(log_pop.std(), 1e-12)
+    weights = np.linalg.lstsq(shift.numpy().T.astype(np.float64), goal, rcond=None)[0]
+    weights = weights / max(np.abs(weights).max(), 1e-12)
+    return [
+        c._replace(edit=Edit(c.latent, "nudge", round(float(w), 6), "std"))
+        for c, w in zip(candidates, weights, strict=True)
+    ]
+
+
+def policy_edits(candidates: Sequence[Candidate], n_latents: int, strength: float) -> list[Edit]:
+    """The first `n_latents` candidates' edits; nudge values are multiplied by `strength` (pins are kept)."""
+    out = []
+    for cand in candidates[:n_latents]:
+        e = cand.edit
+        value = e.value * strength if e.op == "nudge" else e.value
+        if e.op == "nudge" and value == 0:
+            continue
+        out.append(Edit(e.latent, e.op, round(float(value), 6), e.unit))
+    return out
+
+
+def made_for(ctx: RunContext) -> dict[str, Any]:
+    """The model and SAE a policy was made for (compared by the service against the bundle it loads)."""
+
+    return {
+        "dataset": ctx.config.get("dataset"),
+        "model_type": ctx.model.name,
+        "recommender_sha256": sha256_file(RunLayout(ctx.root).recommender / MODEL_WEIGHTS),
+        "sae_sha256": sha256_file(RunLayout(ctx.root).sae / SAE_WEIGHTS),
+    }
+
+
+def policy_document(
+    ctx: RunContext, target: str, edits: Sequence[Edit], strength: float, n_latents: int, budget: float,
+    dev_metrics: dict[str, float], previous: Path | None = None, family: str = "screened",
+) -> dict[str, Any]:  # fmt: skip
+    """The JSON the service reads (description + edits) with target, strength, version and provenance."""
+    version = 1
+    if previous is not None and previous.is_file():
+        try:
+            version = int(read_json(previous).get("version", 0)) + 1
+        except (ValueError, TypeError, AttributeError):
+            version = 1
+    body = [{"latent": e.latent, "op": e.op, "value": e.value, "unit": e.unit} for e in edits]
+    return {
+        "name": target,
+        "version": version,
+        "description": f"{target} de-biasing: {len(body)} SAE latent edits ({family}) at strength {strength:g}, "
+        f"chosen on validation within {budget:.1%} relative NDCG@{K} loss",
+        "target": target,
+        "strength": strength,
+        "n_latents": n_latents,
+        "family": family,
+        "edits": body,
+        "made_for": made_for(ctx),
+        "dev_metrics": dev_metrics,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+POLICY = "recsae-policy"

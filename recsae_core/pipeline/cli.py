@@ -1,0 +1,374 @@
+"""The `recsae` command line: every offline step, the pipeline, and (later) the service."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recsae_core.common.errors import ConfigError, RecsaeError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
+    p.add_argument("--model", required=True, choices=["bprmf", "lightgcn", "sasrec"])
+    p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
+    p.add_argument("--epochs", type=positive_int, default=300, help="upper bound; early stopping usually ends sooner")
+    p.add_argument("--patience", type=positive_int, default=10, help="epochs without validation NDCG@10 gain")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--seed", type=non_negative_int, default=2020)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
+    """The offline commands; `extend(subparsers)` lets the service package add its own without a reverse import."""
+    parser = argparse.ArgumentParser(prog="recsae", description="RecSAE: interpret and steer recommenders with SAEs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    info = data_sub.add_parser("info", help="print dataset statistics after filtering as JSON")
+    info.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
+    info.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
+    info.add_argument("--seed", type=non_negative_int, default=2020)
+
+    train = sub.add_parser("train-recommender", help="train BPR-MF, LightGCN or SASRec and evaluate it")
+    add_train_options(train)
+    train.add_argument("--out", required=True, type=Path, help="run folder (RUN_DIR/recommender is written)")
+
+    sae = sub.add_parser("train-sae", help="probe the run's recommender and train a TopK SAE on its activations")
+    sae.add_argument("--run", required=True, type=Path, help="run folder with a trained recommender")
+    add_sae_options(sae)
+
+    bundle = sub.add_parser("bundle", help="write the verified bundle the service loads")
+    bundle.add_argument("--run", type=Path, help="run folder (recommender + SAE) to bundle")
+    bundle.add_argument("--out", type=Path, help="bundle folder (default RUN_DIR/bundle)")
+    bundle.add_argument("--import-onnx", type=Path, metavar="MODEL.onnx", help="wrap a recommender we did not train")
+    bundle.add_argument("--item-embeddings", type=Path, help="safetensors with item_embeddings (n_items, d)")
+    bundle.add_argument("--items", type=Path, help="CSV with item_id[,title,genres,popularity]")
+    bundle.add_argument("--user-inputs", type=Path, help="safetensors: the model's inputs, one row per user")
+    bundle.add_argument("--name", default="imported", help="dataset name recorded in the manifest")
+    bundle.add_argument("--work", type=Path, help="folder for the import's probe and SAE (default OUT.work)")
+    add_sae_options(bundle)
+
+    interpret = sub.add_parser("interpret", help="name, describe and score every live SAE latent (concept catalog)")
+    interpret.add_argument("--run", required=True, type=Path, help="run folder with probe/ and sae/")
+    interpret.add_argument(
+        "--labeler",
+        default="tfidf",
+        choices=["tfidf", "llm"],
+        help="tfidf: metadata statistics (default, no model); llm: an OpenAI-compatible endpoint",
+    )
+    interpret.add_argument(
+        "--llm-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8080/v1 (default $RECSAE_LLM_URL)"
+    )
+    interpret.add_argument("--llm-model", help="model name (default $RECSAE_LLM_MODEL, else the server's first model)")
+    interpret.add_argument("--llm-api-key", help="bearer token (default $RECSAE_LLM_API_KEY)")
+    interpret.add_argument(
+        "--llm-concurrency", type=positive_int, default=4, help="requests in flight (1 suits a local llama.cpp server)"
+    )
+    interpret.add_argument(
+        "--llm-latents",
+        type=non_negative_int,
+        default=0,
+        help="label only this many latents with the language model (0 = all live latents)",
+    )
+    interpret.add_argument(
+        "--llm-cache-only",
+        action="store_true",
+        help="label from RUN/concepts/llm_cache alone, without the endpoint: latents missing an answer keep their "
+        "metadata label (to look at a long run before it ends)",
+    )
+    interpret.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pipe = sub.add_parser("pipeline", help="run every offline step in order, skipping finished ones")
+    add_train_options(pipe)
+    pipe.add_argument("--out", required=True, type=Path, help="run folder")
+    pipe.add_argument("--force", action="store_true", help="redo every step")
+    add_sae_options(pipe, with_device=False)
+    sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
+    sweep.add_argument("--run", required=True, type=Path)
+    sweep.add_argument("--ks", default="4,8,16,32", help="comma-separated k values")
+    sweep.add_argument("--widths", default="1024", help="comma-separated latent counts")
+    sweep.add_argument("--out", required=True, type=Path, help="JSON file; an .html page is written beside it")
+    add_sae_options(sweep)
+
+    deb = sub.add_parser("debias", help="find bias latents, sweep a steering policy against baselines, save it")
+    deb.add_argument("--run", required=True, type=Path, help="run folder with recommender + SAE")
+    deb.add_argument("--target", required=True, choices=["popularity", "gender"])
+    deb.add_argument("--budget", type=positive_float, default=0.02, help="max relative NDCG@10 loss (validation)")
+    deb.add_argument("--fdr", type=positive_float, default=0.05, help="Benjamini-Hochberg false discovery rate")
+    deb.add_argument("--candidates", type=positive_int, default=24, help="discoveries the causal screen tests")
+    deb.add_argument("--quiet", action="store_true", help="no progress bars")
+    if extend is not None:
+        extend(sub)
+    return parser
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}")
+    return values
+
+
+def add_sae_options(p: argparse.ArgumentParser, with_device: bool = True) -> None:
+    p.add_argument("--latents", type=positive_int, default=1024, help="SAE width (RecSAE: 16 x d)")
+    p.add_argument("--k", type=positive_int, default=8, help="latents kept per sample")
+    p.add_argument("--sae-lr", type=positive_float, default=3e-3)
+    p.add_argument("--sae-epochs", type=positive_int, default=1000, help="upper bound; early stopping ends sooner")
+    p.add_argument(
+        "--sae-max-minutes", type=non_negative_float, default=5.0,
+        help="wall-time budget of SAE training; the best checkpoint so far is kept (0 = no limit)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dead-after", type=positive_int, default=80_000,
+        help="training samples without firing after which AuxK treats a latent as dead (capped at one epoch)",
+    )  # fmt: skip
+    if with_device:
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def sae_options(args: argparse.Namespace):
+    from recsae_core.pipeline.steps import SAEOptions
+    from recsae_core.recommenders.run import resolve_device
+
+    if args.k > args.latents:
+        raise ConfigError(f"--k {args.k} exceeds --latents {args.latents}")
+    return SAEOptions(
+        n_latents=args.latents, k=args.k, lr=args.sae_lr, epochs=args.sae_epochs, dead_after=args.dead_after,
+        max_minutes=args.sae_max_minutes or None,
+        device=resolve_device(args.device), progress=not args.quiet,
+    )  # fmt: skip
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> int:
+    from recsae_core.data.datasets import load_dataset
+    from recsae_core.data.splits import make_split
+
+    data = load_dataset(args.dataset)
+    general = make_split(data, args.protocol, sequential=False, seed=args.seed)
+    popularity = general.item_popularity()
+    info = {
+        "dataset": data.name,
+        "protocol": args.protocol,
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_interactions": data.n_interactions,
+        "density": round(data.n_interactions / (data.n_users * data.n_items), 6),
+        "filters": data.filters,
+        "split_general": "leave-one-out by time" if general.sequential else "per-user random 8:1:1",
+        "split_sequential": "leave-one-out by time",
+        "train_valid_test": [general.n_train, int(general.valid.indptr[-1]), int(general.test.indptr[-1])],
+        "has_item_metadata": any(g for g in data.item_meta.genres),
+        "has_user_metadata": data.user_meta is not None,
+        "max_item_train_popularity": int(popularity.max()),
+    }
+    print(json.dumps(info))
+    return 0
+
+
+@command("train-recommender")
+def cmd_train(args: argparse.Namespace) -> int:
+    from recsae_core.recommenders.run import train_step
+    from recsae_core.recommenders.train import TrainConfig
+
+    config = TrainConfig(
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    metrics = train_step(args.out, args.dataset, args.model, args.protocol, config)
+    summary = {k: metrics[k] for k in ("dataset", "model", "protocol", "epochs_trained", "train_seconds")}
+    summary["test"] = {k: v for k, v in metrics["test"].items() if k.endswith("@10")}
+    print(json.dumps(summary))
+    return 0
+
+
+@command("train-sae")
+def cmd_train_sae(args: argparse.Namespace) -> int:
+    from recsae_core.pipeline.steps import probe_step, sae_step
+
+    options = sae_options(args)
+    probe_step(args.run, options.progress)
+    metrics = sae_step(args.run, options)
+    keys = ("fvu", "dead_fraction", "seconds", "ndcg@10", "passthrough_identical_top10_fraction")
+    print(json.dumps({k: metrics[k] for k in keys}))
+    return 0
+
+
+@command("bundle")
+def cmd_bundle(args: argparse.Namespace) -> int:
+    if args.import_onnx is not None:
+        from recsae_core.pipeline.importer import import_onnx
+
+        missing = [f for f in ("item_embeddings", "items", "user_inputs", "out") if getattr(args, f) is None]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise ConfigError(f"--import-onnx also needs {flags}")
+        result = import_onnx(
+            args.import_onnx, args.item_embeddings, args.items, args.user_inputs, args.out, sae_options(args),
+            name=args.name, work=args.work,
+        )  # fmt: skip
+        print(json.dumps(result))
+        return 0
+    if args.run is None:
+        raise ConfigError("bundle needs --run RUN_DIR (or --import-onnx MODEL.onnx ...)")
+    from recsae_core.pipeline.steps import bundle_step
+
+    print(json.dumps(bundle_step(args.run, args.out)))
+    return 0
+
+
+@command("interpret")
+def cmd_interpret(args: argparse.Namespace) -> int:
+    from recsae_core.common.layout import REPORT, RunLayout
+    from recsae_core.concepts.catalog import CatalogOptions, build_catalog
+    from recsae_core.concepts.llm_client import LLMOptions
+
+    given = [f for f in ("llm_url", "llm_model", "llm_api_key", "llm_cache_only") if getattr(args, f)]
+    if args.labeler != "llm" and given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --labeler llm")
+    llm = LLMOptions(url=args.llm_url, model=args.llm_model, api_key=args.llm_api_key, concurrency=args.llm_concurrency,
+                     cache_only=args.llm_cache_only)  # fmt: skip
+    options = CatalogOptions(llm_latents=args.llm_latents, progress=not args.quiet)
+    catalog = build_catalog(args.run, args.labeler, llm, options)
+    summary = catalog["summary"]
+    keys = ("live_latents", "mean_confidence", "share_confidence_ge_0.8", "mean_auc", "coherence", "seconds")
+    layout = RunLayout(args.run)
+    out = {"catalog": str(layout.catalog), "report": str(layout.concepts / REPORT),
+           "version": catalog["version"], "labeler": catalog["labeler"], **{k: summary[k] for k in keys}}  # fmt: skip
+    if "llm" in summary:
+        out["llm"] = summary["llm"]
+    print(json.dumps(out))
+    return 0
+
+
+@command("pipeline")
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from recsae_core.pipeline.steps import run_pipeline
+    from recsae_core.recommenders.train import TrainConfig
+
+    train_config = TrainConfig(
+        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, progress=not args.quiet,
+    )  # fmt: skip
+    summary = run_pipeline(
+        args.out, args.dataset, args.model, args.protocol, train_config, sae_options(args), force=args.force
+    )
+    print(json.dumps({"run": str(args.out), "steps": list(summary)}))
+    return 0
+
+
+@command("sae-sweep")
+def cmd_sae_sweep(args: argparse.Namespace) -> int:
+    from recsae_core.sae.sweep import sweep_sae
+
+    ks, widths = int_list(args.ks, "--ks"), int_list(args.widths, "--widths")
+    args.k, args.latents = min(ks), max(widths)
+    result = sweep_sae(args.run, ks, widths, sae_options(args), args.out)
+    for point in result["points"]:
+        print(json.dumps(point))
+    return 0
+
+
+@command("debias")
+def cmd_debias(args: argparse.Namespace) -> int:
+    from recsae_core.common.layout import REPORT, RunLayout
+    from recsae_core.debias.experiment import debias
+
+    if not args.budget < 1:
+        raise ConfigError(f"--budget is a relative NDCG@10 loss in (0, 1), got {args.budget}")
+    if not args.fdr < 1:
+        raise ConfigError(f"--fdr is a false discovery rate in (0, 1), got {args.fdr}")
+    result = debias(
+        args.run, args.target, args.budget, fdr=args.fdr, max_candidates=args.candidates, progress=not args.quiet,
+        log=lambda message: print(message, file=sys.stderr),
+    )  # fmt: skip
+    keys = ("policy", "version", "strength", "ndcg_rel_loss", "metrics")
+    chosen = result.get("chosen") or {}
+    print(json.dumps({
+        "target": result["target"], "original": result["original"], "chosen": {k: chosen.get(k) for k in keys},
+        "baselines_at_budget": result["baselines_at_budget"], "report": str(RunLayout(args.run).debias / REPORT),
+    }))  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RecsaeError as err:
+        print(f"recsae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recsae: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

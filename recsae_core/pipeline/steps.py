@@ -1,0 +1,100 @@
+"""The offline steps after training, and the pipeline that runs every step in order, skipping finished ones."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from recsae_core.bundle.export import contents_from_run
+from recsae_core.bundle.format import verify_bundle, write_bundle
+from recsae_core.common.artifacts import atomic_folder, read_json, write_json
+from recsae_core.common.errors import ArtifactError
+from recsae_core.common.layout import CONFIG, METRICS, STATS_FILE, RunLayout
+from recsae_core.concepts.catalog import concepts_step
+from recsae_core.probe.collect import collect, load_activations
+from recsae_core.recommenders.run import load_run, train_step
+from recsae_core.recommenders.train import TrainConfig
+from recsae_core.sae.fit import SAEOptions, fit_sae
+from recsae_core.sae.stats import save_stats
+
+
+def probe_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    ctx = load_run(run_dir)
+    result = collect(ctx, progress=progress)
+    return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
+
+
+def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
+    """Train, select and evaluate the run's SAE, and write RUN_DIR/sae atomically."""
+    ctx = load_run(run_dir, device="cpu")
+    layout = RunLayout(run_dir)
+    if not layout.probe_complete():
+        raise ArtifactError(f"{layout.probe}: no complete probe (run 'recsae pipeline' or the probe step first)")
+    activations, _, _ = load_activations(layout.probe)
+    fitted = fit_sae(ctx, activations, options)
+    with atomic_folder(layout.sae) as folder:
+        fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
+        save_stats(fitted.stats, folder / STATS_FILE)
+        write_json(folder / METRICS, fitted.metrics)
+    return fitted.metrics
+
+
+def bundle_step(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Export the run (ONNX, items, users, SAE, and catalog/policies when present) into a verified bundle."""
+    layout = RunLayout(run_dir)
+    if not layout.sae_complete():
+        raise ArtifactError(f"{layout.sae}: no trained SAE (run 'recsae train-sae --run {run_dir}' first)")
+    ctx = load_run(run_dir)
+    out = out or layout.bundle
+    with tempfile.TemporaryDirectory() as work:
+        contents, parity = contents_from_run(ctx, layout.sae, Path(work))
+        contents.catalog_path = layout.catalog if layout.catalog.is_file() else None
+        contents.policy_paths = layout.policy_files()
+        manifest = write_bundle(contents, out, parity=parity)
+    verify_bundle(out)
+    return {"bundle": str(out), "versions": manifest["versions"], "parity": parity}
+
+
+def run_pipeline(
+    run_dir: Path,
+    dataset: str,
+    model: str,
+    protocol: str,
+    train_config: TrainConfig,
+    sae_options: SAEOptions,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Every offline step in order; a step whose outputs are complete and valid is skipped (unless `force`)."""
+    layout = RunLayout(run_dir)
+    if layout.recommender_complete():
+        existing = read_json(layout.recommender / CONFIG)
+        if (existing.get("dataset"), existing.get("recommender", {}).get("model")) != (dataset, model):
+            raise ArtifactError(
+                f"{run_dir}: holds a {existing.get('recommender', {}).get('model')} run on "
+                f"{existing.get('dataset')}, not {model} on {dataset}; use another --out"
+            )
+    steps: list[tuple[str, Callable[[], bool], Callable[[], dict]]] = [
+        ("recommender", layout.recommender_complete,
+         lambda: train_step(run_dir, dataset, model, protocol, train_config)),
+        ("probe", layout.probe_complete, lambda: probe_step(run_dir, sae_options.progress)),
+        ("sae", layout.sae_complete, lambda: sae_step(run_dir, sae_options)),
+        ("concepts", layout.catalog_complete, lambda: concepts_step(run_dir, sae_options.progress)),
+        ("bundle", layout.bundle_complete, lambda: bundle_step(run_dir)),
+    ]  # fmt: skip
+    summary: dict[str, Any] = {}
+    redo = force
+    for index, (name, complete, run) in enumerate(steps, start=1):
+        if not redo and complete():
+            log(f"[{index}/{len(steps)}] {name}: up to date, skipped")
+            summary[name] = "skipped"
+            continue
+        log(f"[{index}/{len(steps)}] {name}: running")
+        started = time.perf_counter()
+        summary[name] = run()
+        redo = True  # later steps depend on this one's output
+        log(f"[{index}/{len(steps)}] {name}: done in {time.perf_counter() - started:.1f}s")
+    return summary

@@ -1,0 +1,176 @@
+"""Collect the representation h right before the prediction layer, streamed into safetensors shards.
+
+For general and graph models one sample is one user; for sequential models one sample is one valid position of
+one training window (as RecSAE trains its SAE on every position). Each sample records its user and position so
+that later steps can show it to people as "this user, after these items".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from recsae_core.common.artifacts import atomic_folder, read_json, write_json
+from recsae_core.common.errors import ArtifactError
+from recsae_core.common.layout import PROBE_META, RunLayout
+from recsae_core.common.onnx import h_output, load_inputs, open_onnx
+from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.run import RunContext
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What a probe wrote."""
+
+    folder: Path
+    """The probe folder."""
+    n_samples: int
+    """Activations collected."""
+    d: int
+    """Width of h."""
+    shards: list[str]
+    """Shard file names, in order."""
+
+
+class ShardWriter:
+    """Buffers rows and writes fixed-size shards so memory stays bounded by one shard."""
+
+    def __init__(self, folder: Path, rows_per_shard: int) -> None:
+        self.folder, self.rows_per_shard = folder, rows_per_shard
+        self.buffer: dict[str, list[np.ndarray]] = {}
+        self.buffered, self.total, self.shards = 0, 0, []
+
+    def add(self, **columns: np.ndarray) -> None:
+        for name, values in columns.items():
+            self.buffer.setdefault(name, []).append(values)
+        self.buffered += len(next(iter(columns.values())))
+        while self.buffered >= self.rows_per_shard:
+            self._flush(self.rows_per_shard)
+
+    def _flush(self, rows: int) -> None:
+        joined = {name: np.concatenate(parts) for name, parts in self.buffer.items()}
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        save_file({k: np.ascontiguousarray(v[:rows]) for k, v in joined.items()}, str(self.folder / name))
+        self.shards.append(name)
+        self.buffer = {k: [v[rows:]] for k, v in joined.items()}
+        self.buffered -= rows
+        self.total += rows
+
+    def close(self) -> list[str]:
+        if self.buffered:
+            self._flush(self.buffered)
+        return self.shards
+
+
+def _sequence_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(h, user, position) for every position of every training sequence, each computed exactly as the service
+    computes it for that prefix (its last max_len items, left-padded): an output read from inside a longer training
+    window would sit at another absolute position and differ from what is served."""
+    train, max_len, pad = ctx.split.train, ctx.model.config.max_len, ctx.model.config.n_items
+    users = np.repeat(np.arange(ctx.split.n_users), train.lengths)
+    positions = np.concatenate([np.arange(n) for n in train.lengths]) if len(users) else np.zeros(0, np.int64)
+    for start in range(0, len(users), batch_size):
+        chunk_users, chunk_positions = users[start : start + batch_size], positions[start : start + batch_size]
+        prefixes = [
+            train.row(u)[max(0, t + 1 - max_len) : t + 1] for u, t in zip(chunk_users, chunk_positions, strict=True)
+        ]
+        history = torch.from_numpy(pad_histories(prefixes, max_len, pad))
+        with torch.no_grad():
+            h = ctx.model.encode(history)[:, -1].numpy()
+        yield h, chunk_users, chunk_positions
+
+
+def _user_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    seen = ctx.split.train
+    for start in range(0, ctx.split.n_users, batch_size):
+        users = np.arange(start, min(start + batch_size, ctx.split.n_users))
+        with torch.no_grad():
+            h = ctx.model.represent(make_batch(ctx.model, users, seen, "cpu")).numpy()
+        yield h, users, seen.lengths[users] - 1
+
+
+def collect(
+    ctx: RunContext, rows_per_shard: int = 131072, batch_size: int = 2048, progress: bool = True
+) -> ProbeResult:
+    """Probe a trained run into RUN_DIR/probe (atomically)."""
+    ctx.model.cpu().eval()
+    samples = _sequence_samples(ctx, batch_size) if ctx.model.sequential else _user_samples(ctx, batch_size)
+    target = RunLayout(ctx.root).probe
+    with atomic_folder(target) as folder:
+        writer = ShardWriter(folder, rows_per_shard)
+        for h, users, positions in tqdm(samples, desc="probe", disable=not progress, unit="batch"):
+            writer.add(h=h.astype(np.float32), user=users.astype(np.int64), position=positions.astype(np.int64))
+        shards = writer.close()
+        d = int(ctx.model.config.dim)
+        write_json(
+            folder / PROBE_META,
+            {
+                "n_samples": writer.total,
+                "d": d,
+                "shards": shards,
+                "source": ctx.model.name,
+                "sample": "position" if ctx.model.sequential else "user",
+            },
+        )
+    return ProbeResult(folder=target, n_samples=writer.total, d=d, shards=shards)
+
+
+def collect_onnx(
+    model_path: Path,
+    inputs_path: Path,
+    out: Path,
+    output_name: str | None = None,
+    batch_size: int = 1024,
+    rows_per_shard: int = 131072,
+    progress: bool = True,
+) -> ProbeResult:
+    """Probe a recommender we did not train: an ONNX model mapping its own inputs to h, fed from a safetensors file
+    whose tensors are named like the model's inputs and share their first (batch) axis."""
+    session = open_onnx(model_path)
+    inputs = load_inputs(inputs_path, session)
+    n = len(next(iter(inputs.values())))
+    name = h_output(session, model_path, output_name)
+    with atomic_folder(out) as folder:
+        writer = ShardWriter(folder, rows_per_shard)
+        d = 0
+        for start in tqdm(range(0, n, batch_size), desc="probe onnx", disable=not progress, unit="batch"):
+            feed = {k: v[start : start + batch_size] for k, v in inputs.items()}
+            h = session.run([name], feed)[0]
+            if h.ndim != 2 or len(h) != len(next(iter(feed.values()))):
+                raise ArtifactError(f"{model_path}: output '{name}' has shape {h.shape}; expected (batch, d)")
+            if not np.isfinite(h).all():
+                raise ArtifactError(f"{model_path}: output '{name}' has NaN/inf for input rows from {start}")
+            d = h.shape[1]
+            rows = np.arange(start, start + len(h), dtype=np.int64)
+            writer.add(h=h.astype(np.float32), user=rows, position=np.zeros(len(h), dtype=np.int64))
+        shards = writer.close()
+        write_json(
+            folder / PROBE_META,
+            {"n_samples": writer.total, "d": d, "shards": shards, "source": str(model_path), "sample": "input-row"},
+        )
+    return ProbeResult(folder=out, n_samples=writer.total, d=d, shards=shards)
+
+
+def load_activations(folder: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """All probed h (N, d) as one float32 tensor, with each sample's user and position."""
+    meta = read_json(folder / PROBE_META)
+    hs, users, positions = [], [], []
+    for shard in meta.get("shards", []):
+        try:
+            tensors = load_file(str(folder / shard))
+        except (SafetensorError, FileNotFoundError, OSError) as err:
+            raise ArtifactError(f"{folder / shard}: cannot read shard ({err})") from None
+        hs.append(tensors["h"])
+        users.append(tensors["user"])
+        positions.append(tensors["position"])
+    if not hs or sum(len(h) for h in hs) != meta.get("n_samples"):
+        raise ArtifactError(f"{folder / PROBE_META}: shards do not add up to n_samples={meta.get('n_samples')}")
+    return torch.from_numpy(np.concatenate(hs)), np.concatenate(users), np.concatenate(positions)

@@ -1,0 +1,110 @@
+"""A run folder: one recommender and everything derived from it (probe, SAE, concepts, policies, bundle)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recsae_core.common.artifacts import atomic_folder, write_json
+from recsae_core.common.errors import ArtifactError, ConfigError
+from recsae_core.common.layout import RunLayout
+from recsae_core.data.datasets import Dataset, load_dataset
+from recsae_core.data.splits import Split, make_split
+from recsae_core.recommenders import MODELS, Recommender
+from recsae_core.recommenders.checkpoint import load_recommender, save_recommender
+from recsae_core.recommenders.evaluate import evaluate, popularity_baseline
+from recsae_core.recommenders.train import TrainConfig, build_model, train_recommender
+
+
+@dataclass
+class RunContext:
+    """A trained recommender with the exact data it was trained and evaluated on."""
+
+    root: Path
+    """The run folder."""
+    dataset: Dataset
+    """The filtered dataset."""
+    split: Split
+    """The split the recommender was trained on."""
+    model: Recommender
+    """The trained recommender, in eval mode."""
+    config: dict[str, Any]
+    """recommender/config.json."""
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device '{device}': expected cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but this torch build sees no CUDA device")
+    return device
+
+
+def prepare_data(dataset: str, model: str, protocol: str, seed: int) -> tuple[Dataset, Split]:
+    if model not in MODELS:
+        raise ConfigError(f"unknown model '{model}': expected one of {', '.join(MODELS)}")
+    data = load_dataset(dataset)
+    return data, make_split(data, protocol, MODELS[model].sequential, seed)
+
+
+def train_step(run_dir: Path, dataset: str, model_name: str, protocol: str, config: TrainConfig) -> dict[str, Any]:
+    """Train a recommender into RUN_DIR/recommender (written atomically) and return its metrics."""
+    config.device = resolve_device(config.device)
+    data, split = prepare_data(dataset, model_name, protocol, config.seed)
+    model = build_model(model_name, data.n_users, data.n_items, split)
+    result = train_recommender(model, split, config)
+    test = evaluate(model, split, "test", device=config.device)
+    resolved = config.resolved(model_name)
+    metrics = {
+        "dataset": dataset,
+        "model": model_name,
+        "protocol": protocol,
+        "split": "leave-one-out by time" if split.sequential else "per-user random 8:1:1",
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_interactions": data.n_interactions,
+        "epochs_trained": result.epochs_trained,
+        "best_epoch": result.best_epoch,
+        "train_seconds": result.seconds,
+        "seconds_per_epoch": result.seconds_per_epoch,
+        "device": config.device,
+        "seed": config.seed,
+        "hyperparameters": {k: getattr(resolved, k) for k in ("batch_size", "lr", "weight_decay", "patience")},
+        "valid": result.best_valid,
+        "test": test,
+        "popularity_baseline_test": popularity_baseline(split, "test"),
+        "history": result.history,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    context = {
+        "dataset": dataset,
+        "protocol": protocol,
+        "seed": config.seed,
+        "filters": data.filters,
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "n_interactions": data.n_interactions,
+    }
+    with atomic_folder(RunLayout(run_dir).recommender) as folder:
+        save_recommender(model.cpu(), folder, context)
+        write_json(folder / "metrics.json", metrics)
+    return metrics
+
+
+def load_run(run_dir: Path, device: str = "cpu") -> RunContext:
+    """Reload a run's recommender and rebuild its data; fails with a clear message if anything is off."""
+    folder = RunLayout(run_dir).recommender
+    if not (folder / "config.json").is_file():
+        raise ArtifactError(f"{folder}: no trained recommender here (run 'recsae train-recommender' first)")
+    model, config = load_recommender(folder, device=resolve_device(device))
+    data, split = prepare_data(config["dataset"], model.name, config["protocol"], config["seed"])
+    if (data.n_users, data.n_items) != (model.config.n_users, model.config.n_items):
+        raise ArtifactError(
+            f"{folder / 'config.json'}: model has {model.config.n_users} users / {model.config.n_items} items, "
+            f"but dataset '{config['dataset']}' now gives {data.n_users} / {data.n_items}"
+        )
+    return RunContext(root=run_dir, dataset=data, split=split, model=model, config=config)

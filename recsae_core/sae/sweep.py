@@ -1,0 +1,69 @@
+"""The k / width trade-off: FVU, dead latents and substituted NDCG@10 for several k, in JSON and an HTML page."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from recsae_core.common.artifacts import write_json
+from recsae_core.common.errors import ArtifactError
+from recsae_core.common.html import figure_html, page, table_html
+from recsae_core.common.layout import RunLayout
+from recsae_core.sae.fit import SAEOptions, fit_sae
+from recsae_core.probe.collect import load_activations
+from recsae_core.recommenders.run import load_run
+
+
+def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], options: SAEOptions, out: Path) -> dict[str, Any]:
+    """Train one SAE per (width, k) on the run's probe; write OUT (JSON) and OUT with .html beside it."""
+    layout = RunLayout(run_dir)
+    if not layout.probe_complete():
+        raise ArtifactError(f"{layout.probe}: no complete probe (run 'recsae pipeline' first)")
+    ctx = load_run(run_dir)
+    activations, _, _ = load_activations(layout.probe)
+    points = []
+    for width in widths:
+        for k in ks:
+            if k > width:
+                continue
+            fitted = fit_sae(ctx, activations, dataclasses.replace(options, n_latents=width, k=k))
+            m = fitted.metrics
+            points.append({
+                "n_latents": width, "k": k, "fvu": m["fvu"], "dead_fraction": m["dead_fraction"],
+                "ndcg@10_original": m["ndcg@10"]["original"], "ndcg@10_substituted": m["ndcg@10"]["substituted"],
+                "substituted_ratio": m["substituted_ratio"], "seconds": m["seconds"],
+                "samples_per_second": m["samples_per_second"], "epochs_trained": m["epochs_trained"],
+            })  # fmt: skip
+    result = {"run": str(run_dir), "model": ctx.model.name, "dataset": ctx.config["dataset"], "points": points}
+    write_json(out, result)
+    out.with_suffix(".html").write_text(render(result))
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    points = result["points"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for width in sorted({p["n_latents"] for p in points}):
+        series = sorted((p for p in points if p["n_latents"] == width), key=lambda p: p["k"])
+        ks = [p["k"] for p in series]
+        axes[0].plot(ks, [p["fvu"] for p in series], marker="o", label=f"{width} latents")
+        axes[1].plot(ks, [p["dead_fraction"] for p in series], marker="o", label=f"{width} latents")
+        axes[2].plot(ks, [p["substituted_ratio"] for p in series], marker="o", label=f"{width} latents")
+    for ax, title in zip(axes, ("FVU", "dead latent fraction", "substituted / original NDCG@10"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[2].axhline(0.95, color="grey", linestyle="--", linewidth=1)
+    axes[0].legend()
+    headers = ["latents", "k", "FVU", "dead", "NDCG@10 orig", "NDCG@10 subst", "ratio", "seconds"]
+    rows = [
+        [p["n_latents"], p["k"], p["fvu"], p["dead_fraction"], p["ndcg@10_original"], p["ndcg@10_substituted"],
+         p["substituted_ratio"], p["seconds"]]
+        for p in points
+    ]  # fmt: skip
+    title = f"SAE k / width trade-off: {result['model']} on {result['dataset']}"
+    return page(title, [figure_html(fig, "k / width trade-off"), table_html(headers, rows, "sweep")])
