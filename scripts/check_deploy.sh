@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Every deployment check, with the real tools (docs/deploy.md). Needs scripts/install_tools.sh to have run.
 #   helm lint --strict / helm template (several value sets), kubernetes-validate --strict (core objects and the
-#   Ray pod templates), the KubeRay CRD validator (--strict), the Serve configs (deploy/serve.yaml and every
-#   rendered serveConfigV2) through Ray's ServeDeploySchema + import path + deployment names + ServiceConfig,
-#   bad values refused, promtool check config / check rules / test rules, the Grafana dashboard validator and
-#   its PromQL parsed by promtool.
-# Env: RECSAE_SHARED (default <repo>/../shared), HELM, PROMTOOL, RECSAE_VENV.
+#   Ray pod templates), the RayService against the KubeRay CRDs vendored in deploy/kuberay/crds (strict), the Serve
+#   configs (deploy/serve.yaml and every rendered serveConfigV2) through Ray's ServeDeploySchema + import path +
+#   deployment names + ServiceConfig, bad values refused, promtool check config / check rules / test rules, the
+#   Grafana dashboard against grafana-foundation-sdk's models and its PromQL parsed by promtool.
+# Uses only this repository and what install_tools.sh installs (validators: scripts/deploy_checks/).
+# Env: HELM, PROMTOOL, RECSAE_VENV.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 VENV=${RECSAE_VENV:-.venv}
 PY="$VENV/bin/python"
-SHARED=${RECSAE_SHARED:-$(dirname "$ROOT")/shared}
 HELM=${HELM:-$( [ -x .tools/bin/helm ] && echo .tools/bin/helm || command -v helm || true)}
 PROMTOOL=${PROMTOOL:-$(command -v promtool || true)}
 KV="$VENV/bin/kubernetes-validate"
@@ -22,10 +22,9 @@ step() { echo "== $*"; }
 [ -n "$HELM" ] && [ -x "$HELM" ] || fail "helm not found: run scripts/install_tools.sh"
 [ -n "$PROMTOOL" ] || fail "promtool not found: run scripts/install_tools.sh"
 [ -x "$KV" ] || fail "kubernetes-validate not in $VENV: run scripts/install_tools.sh"
-for f in kuberay/ray.io_rayservices.yaml kuberay/validate_crd.py grafana/validate_dashboard.py \
-         grafana/dashboard.jsonschema.json grafana/dash_promql_rules.py; do
-  [ -f "$SHARED/$f" ] || fail "$SHARED/$f missing (set RECSAE_SHARED to the shared/ folder)"
-done
+"$PY" -c "import jsonschema, grafana_foundation_sdk" 2>/dev/null \
+  || fail "jsonschema or grafana-foundation-sdk not in $VENV: run scripts/install_tools.sh"
+VALIDATE=("$PY" -m scripts.deploy_checks)  # from $ROOT: scripts/ is a namespace package there
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
@@ -68,12 +67,10 @@ PY
   echo "ok $name"
 done
 
-step "RayService against the KubeRay CRD (--strict)"
-for v in "${VARIANTS[@]}"; do
-  name=${v%%|*}
-  "$PY" "$SHARED/kuberay/validate_crd.py" "$SHARED/kuberay/ray.io_rayservices.yaml" --strict "$TMP/$name.yaml" \
-    || fail "KubeRay CRD ($name)"
-done
+step "RayService against the vendored KubeRay CRDs (strict)"
+rendered=()
+for v in "${VARIANTS[@]}"; do rendered+=("$TMP/${v%%|*}.yaml"); done
+"${VALIDATE[@]}" crd --expect RayService "${rendered[@]}" || fail "KubeRay CRD"
 
 step "Ray Serve configs: ServeDeploySchema, import path, deployment names, ServiceConfig"
 files=(deploy/serve.yaml)
@@ -166,8 +163,7 @@ print(f"ok every alert ({len(alerts)}) has a firing and a silent test")
 PY
 
 step "Grafana dashboard"
-"$PY" "$SHARED/grafana/validate_dashboard.py" "$SHARED/grafana/dashboard.jsonschema.json" deploy/grafana/recsae.json \
-  || fail "dashboard schema"
+"${VALIDATE[@]}" dashboard deploy/grafana/*.json || fail "dashboard schema"
 "$PY" - deploy/grafana/recsae.json <<'PY' || fail "dashboard conventions"
 import json, sys
 d = json.load(open(sys.argv[1]))
@@ -182,7 +178,6 @@ for p in panels:
         assert t["datasource"]["uid"] == "${%s}" % ds[0]["name"], f"{p['title']}: datasource not templated"
 print(f"ok {len(panels)} panels ({sorted({p['type'] for p in panels})}), datasource ${ds[0]['name']}")
 PY
-"$PY" "$SHARED/grafana/dash_promql_rules.py" deploy/grafana/recsae.json >"$TMP/dashboard_rules.yml"
-"$PROMTOOL" check rules "$TMP/dashboard_rules.yml" || fail "dashboard PromQL"
+"${VALIDATE[@]}" promql --promtool "$PROMTOOL" deploy/grafana/*.json || fail "dashboard PromQL"
 
 echo "check_deploy: all checks passed"

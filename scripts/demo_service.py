@@ -21,7 +21,7 @@ def show(title: str, payload: dict) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m scripts.demo_service BUNDLE_DIR", file=sys.stderr)
+        print("usage: python scripts/demo_service.py BUNDLE_DIR", file=sys.stderr)
         return 2
     bundle_dir = Path(argv[0]).resolve()
     try:

@@ -7,7 +7,7 @@ detection prompt's time. This launcher makes the conversion lazy, so only the ro
 row is computed by the library's own function, so the answers are the same numbers. Everything else is the stock
 server, with its own arguments:
 
-    python -m scripts.llm_server --model FILE.gguf --host 127.0.0.1 --port 8088 --n_ctx 4096 --n_threads 2
+    python scripts/llm_server.py --model FILE.gguf --host 127.0.0.1 --port 8088 --n_ctx 4096 --n_threads 2
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The HTTP service: a FastAPI app served by a Ray Serve deployment that wraps one `Engine`.
+"""The HTTP service: a FastAPI app served by a Ray Serve deployment that wraps one `Served` bundle.
 
     serve run service.app:app_builder bundle=/path/to/bundle          # or import_path: service.app:app in YAML
 
-Requests are grouped with @serve.batch (each row keeps its own edits); the engine runs in a worker thread so the
-event loop keeps accepting requests. `reconfigure(user_config)` changes limits, batching and the bundle without a
+Handlers stay thin: service.requests parses, service.engine computes, service.responses shapes the JSON. Requests
+are grouped with @serve.batch (each row keeps its own edits); the engine runs in a worker thread so the event loop
+keeps accepting requests. `reconfigure(user_config)` changes limits, batching and the bundle without a
 restart; a bundle that fails verification is refused and the old one keeps serving.
 """
 
@@ -22,14 +23,14 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from recsae_core.common.errors import ConfigError, RecsaeError
-from recsae_core.sae.edits import EditBounds
-from service.engine import Engine, Row, RowResult, limit_threads
+from service.engine import Row, RowResult, limit_threads
+from service.errors import RequestError
 from service.prometheus import ServiceMetrics, policy_label
 from service.prometheus import current as current_metrics
 from service.prometheus import register as register_metrics
 from service.query import query_request
 from service.schemas import RecommendRequest, RecommendResponse, ServiceConfig, validation_message
-from service.steering import RequestError
+from service.served import Served
 
 log = logging.getLogger("recsae.service")
 ADMIN_TOKEN_ENV = "RECSAE_ADMIN_TOKEN"
@@ -117,10 +118,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def bounds_of(cfg: ServiceConfig) -> EditBounds:
-    return EditBounds(max_abs_std=cfg.max_abs_std, max_scale=cfg.max_scale, max_edits=cfg.max_edits)
-
-
 @serve.deployment(name="recsae", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(fastapi_app)
 class RecsaeService:
@@ -132,7 +129,7 @@ class RecsaeService:
         self.max_ongoing = max_ongoing_requests
         self.metrics = ServiceMetrics()
         self.config: ServiceConfig | None = None
-        self.engine: Engine | None = None
+        self.served: Served | None = None
         self.admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         self.last_reload: dict[str, Any] = {}
         self.lock = asyncio.Lock()
@@ -159,7 +156,7 @@ class RecsaeService:
         """Apply a new user_config. A new bundle is loaded beside the old one and swapped in only once verified and
         warmed up; an invalid config or bundle is logged and refused, and the replica keeps serving what it had.
         Only the very first configuration raises (nothing to fall back to: the replica must not start)."""
-        first = self.engine is None
+        first = self.served is None
         if self.refresher is None:
             self.refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
         try:
@@ -186,54 +183,54 @@ class RecsaeService:
         """Load `new.bundle` if forced or if it (or the engine settings) changed, then adopt `new`; raises
         RecsaeError and keeps everything as it was if the bundle fails to load."""
         async with self.lock:
-            old, engine = self.config, self.engine
-            engine_keys = ("bundle", "threads", "max_abs_std", "max_scale", "max_edits")
-            if force or old is None or any(getattr(new, k) != getattr(old, k) for k in engine_keys):
+            old, served = self.config, self.served
+            load_keys = ("bundle", "threads", "max_abs_std", "max_scale", "max_edits")
+            if force or old is None or any(getattr(new, k) != getattr(old, k) for k in load_keys):
                 limit_threads(new.threads)  # process-wide: this process is one replica
                 try:
-                    engine = await asyncio.to_thread(Engine.load, new.bundle, new.threads, bounds_of(new))
+                    served = await asyncio.to_thread(Served.load, new.bundle, new.threads, new.edit_bounds())
                 except RecsaeError as err:
                     self._refused(new.bundle, str(err))
                     raise
                 self.last_reload = {"outcome": "ok", "bundle": new.bundle, "at": time.time()}
                 self.metrics.reload("ok")
-                log.info("serving bundle %s (versions %s)", new.bundle, engine.versions)
+                log.info("serving bundle %s (versions %s)", new.bundle, served.versions)
             windows = (new.concept_metric_cap, new.drift_window)
-            changed = engine is not self.engine or old is None or windows != (old.concept_metric_cap, old.drift_window)
-            self.engine, self.config = engine, new
+            changed = served is not self.served or old is None or windows != (old.concept_metric_cap, old.drift_window)
+            self.served, self.config = served, new
             if changed:
-                self.metrics.use_engine(engine, *windows)
+                self.metrics.use_bundle(served, *windows)
                 self.metrics.steering_switch(new.steering)
             self._apply_batching()
 
     # ------------------------------------------------------------- recommend
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _batched(self, jobs: list[tuple[Engine, Row, bool]]) -> list[tuple[RowResult, dict[str, float]]]:
-        """One engine call per (engine, sae) group: normally the whole batch."""
+    async def _batched(self, jobs: list[tuple[Served, Row, bool]]) -> list[tuple[RowResult, dict[str, float]]]:
+        """One engine call per (bundle, sae) group: normally the whole batch (a reload can split one)."""
         out: list[Any] = [None] * len(jobs)
         groups: dict[tuple[int, bool], list[int]] = {}
-        for i, (engine, _, sae) in enumerate(jobs):
-            groups.setdefault((id(engine), sae), []).append(i)
+        for i, (served, _, sae) in enumerate(jobs):
+            groups.setdefault((id(served), sae), []).append(i)
         for (_, sae), indices in groups.items():
-            engine, rows = jobs[indices[0]][0], [jobs[i][1] for i in indices]
-            results, timings = await asyncio.to_thread(engine.recommend, rows, sae)
-            self.metrics.batch(engine, rows, results, timings)
+            served, rows = jobs[indices[0]][0], [jobs[i][1] for i in indices]
+            results, timings = await asyncio.to_thread(served.engine.recommend, rows, sae)
+            self.metrics.batch(served, rows, results, timings)
             for i, result in zip(indices, results, strict=True):
                 out[i] = (result, timings)
         return out
 
     async def _serve(self, request: Request, parsed: RecommendRequest) -> JSONResponse:
-        engine, cfg = self.engine, self.config
-        row = engine.parse(parsed, sae=cfg.sae, steering_enabled=cfg.steering)
+        served, cfg = self.served, self.config
+        row = served.requests.parse(parsed, sae=cfg.sae, steering_enabled=cfg.steering)
         request.state.policy = policy_label(row)
         if cfg.batching:
-            result, timings = await self._batched((engine, row, cfg.sae))
+            result, timings = await self._batched((served, row, cfg.sae))
         else:
-            results, timings = await asyncio.to_thread(engine.recommend, [row], cfg.sae)
-            self.metrics.batch(engine, [row], results, timings)
+            results, timings = await asyncio.to_thread(served.engine.recommend, [row], cfg.sae)
+            self.metrics.batch(served, [row], results, timings)
             result = results[0]
-        payload = engine.response(row, result, cfg.explain_top)
+        payload = served.responses.recommend(row, result, cfg.explain_top)
         timing = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
         return JSONResponse(payload, headers={"Server-Timing": timing})
 
@@ -256,21 +253,15 @@ class RecsaeService:
 
     @fastapi_app.get("/v1/concepts")
     async def concepts(self) -> dict[str, Any]:
-        engine = self.engine
-        items = [engine.catalog.concept_summary(c, engine.stats) for c in engine.catalog.concepts]
-        return {"concepts": items, "n_latents": engine.n_latents, "versions": engine.versions}
+        return self.served.responses.concepts()
 
     @fastapi_app.get("/v1/concepts/{name}")
     async def concept(self, name: str) -> dict[str, Any]:
-        return self.engine.concept_detail(name)
+        return self.served.responses.concept_detail(name)
 
     @fastapi_app.get("/v1/policies")
     async def policies(self) -> dict[str, Any]:
-        engine = self.engine
-        return {
-            "policies": [engine.policy_summary(p) for p in engine.catalog.policies.values()],
-            "versions": engine.versions,
-        }
+        return self.served.responses.policies()
 
     # ------------------------------------------------------------- operations
 
@@ -284,7 +275,7 @@ class RecsaeService:
         body = {
             "status": "ready",
             "bundle": cfg.bundle,
-            "versions": self.engine.versions,
+            "versions": self.served.versions,
             "sae": cfg.sae,
             "batching": cfg.batching,
             "max_batch_size": cfg.max_batch_size,
@@ -309,16 +300,13 @@ class RecsaeService:
             reload = ReloadRequest.model_validate_json(body or b"{}")
         except ValidationError as err:
             raise RequestError(422, validation_message(err)) from None
-        previous = self.engine.versions
+        previous = self.served.versions
         new = self.config.model_copy(update={"bundle": reload.bundle or self.config.bundle})
         try:
             await self.switch(new, force=True)
         except RecsaeError as err:
             raise RequestError(422, f"bundle refused, still serving {previous.get('bundle')}: {err}") from None
-        return {"status": "reloaded", "bundle": new.bundle, "versions": self.engine.versions, "previous": previous}
-
-
-DEPLOYMENT_KEYS = ("num_replicas", "replicas", "num_cpus", "max_ongoing_requests")
+        return {"status": "reloaded", "bundle": new.bundle, "versions": self.served.versions, "previous": previous}
 
 
 def app_builder(args: dict[str, Any] | None = None) -> Application:

@@ -18,21 +18,22 @@ from typing import Any, NamedTuple
 import aiohttp
 import numpy as np
 
-from service.engine import Engine, Row, limit_threads
+from service.engine import Row, limit_threads
 from service.local import free_port, start_local
 from service.prometheus import ServiceMetrics
 from service.schemas import RecommendRequest, ServiceConfig
+from service.served import Served
 
 MODES = ("bare", "monitor", "steer")
 ENGINE_BATCHES = (1, 16, 64, 256)
 
 
-def steering_for(engine: Engine) -> dict[str, Any]:
+def steering_for(served: Served) -> dict[str, Any]:
     """A bundled usable policy, else: ablate the most frequent latent and nudge the second by +1 std."""
-    usable = [p.name for p in engine.catalog.policies.values() if p.error is None]
+    usable = [p.name for p in served.catalog.policies.values() if p.error is None]
     if usable:
         return {"policy": usable[0]}
-    order = np.argsort(-engine.stats.frequency.numpy())
+    order = np.argsort(-served.engine.sae.stats.frequency.numpy())
     return {"edits": [{"latent": int(order[0]), "op": "ablate"},
                       {"latent": int(order[1]), "op": "nudge", "value": 1.0, "unit": "std"}]}  # fmt: skip
 
@@ -103,16 +104,18 @@ def summarize(runs: list[LoadRun]) -> dict[str, Any]:
     }
 
 
-def engine_bench(engine: Engine, repeats: int = 20, seed: int = 0) -> dict[str, Any]:
+def engine_bench(served: Served, repeats: int = 20, seed: int = 0) -> dict[str, Any]:
     """Median milliseconds per batch for each stage, without and with steering on every row."""
     rng = np.random.default_rng(seed)
-    n_users = len(engine.bundle.user_ids)
-    body = steering_for(engine)
+    n_users = len(served.bundle.user_ids)
+    body = steering_for(served)
     if "policy" in body:
-        edits = engine.catalog.policy(body["policy"]).edits
+        edits = served.catalog.policy(body["policy"]).edits
     else:
-        edits = [engine.catalog.edit(e["latent"], None, e["op"], e.get("value", 0.0), e.get("unit", "raw"))
-                 for e in body["edits"]]  # fmt: skip
+        targets = [served.catalog.edit(e["latent"], None, e["op"], e.get("value", 0.0), e.get("unit", "raw"))
+                   for e in body["edits"]]  # fmt: skip
+        edits = served.catalog.resolve_steering(None, targets)
+    engine = served.engine
     out: dict[str, Any] = {}
     for batch in ENGINE_BATCHES:
         for mode in ("bare", "monitor", "steer"):
@@ -124,7 +127,7 @@ def engine_bench(engine: Engine, repeats: int = 20, seed: int = 0) -> dict[str, 
     return out
 
 
-def replica_bench(engine: Engine, bundle: Path, n: int = 1000) -> dict[str, Any]:
+def replica_bench(served: Served, bundle: Path, n: int = 1000) -> dict[str, Any]:
     """The replica's own work per request at concurrency 1, in process (median ms): parse (validation, id and policy
     resolution), engine (one-row batch), metrics (buffering; `flush` is the 1 s refresher's cost spread over the
     requests), response (building and encoding the JSON). Everything else a request costs (HTTP, Ray's proxy and
@@ -132,22 +135,22 @@ def replica_bench(engine: Engine, bundle: Path, n: int = 1000) -> dict[str, Any]
     free of the load generator's noise. Needs Ray initialised (the metrics are Ray's)."""
     config = ServiceConfig(bundle=str(bundle))
     metrics = ServiceMetrics()
-    metrics.use_engine(engine, config.concept_metric_cap, config.drift_window)
+    metrics.use_bundle(served, config.concept_metric_cap, config.drift_window)
     out: dict[str, Any] = {}
     for mode in MODES:
-        payloads = [json.dumps(b).encode() for b in _bodies(engine, mode, n)]
+        payloads = [json.dumps(b).encode() for b in _bodies(served, mode, n)]
         stages: list[list[float]] = []
         metrics.flush()
         for payload in payloads:
             t0 = time.perf_counter()
             parsed = RecommendRequest.model_validate_json(payload, context={"config": config})
-            row = engine.parse(parsed, sae=mode != "bare")
+            row = served.requests.parse(parsed, sae=mode != "bare")
             t1 = time.perf_counter()
-            results, timings = engine.recommend([row], sae=mode != "bare")
+            results, timings = served.engine.recommend([row], sae=mode != "bare")
             t2 = time.perf_counter()
-            metrics.batch(engine, [row], results, timings)
+            metrics.batch(served, [row], results, timings)
             t3 = time.perf_counter()
-            json.dumps(engine.response(row, results[0], config.explain_top)).encode()
+            json.dumps(served.responses.recommend(row, results[0], config.explain_top)).encode()
             stages.append([t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3])
         t0 = time.perf_counter()
         metrics.flush()
@@ -162,10 +165,10 @@ def replica_bench(engine: Engine, bundle: Path, n: int = 1000) -> dict[str, Any]
     return out
 
 
-def _bodies(engine: Engine, mode: str, n: int = 512, seed: int = 0) -> list[dict]:
+def _bodies(served: Served, mode: str, n: int = 512, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    users = rng.choice(engine.bundle.user_ids, size=n)
-    steering = steering_for(engine) if mode == "steer" else None
+    users = rng.choice(served.bundle.user_ids, size=n)
+    steering = steering_for(served) if mode == "steer" else None
     return [{"user_id": str(u), "k": 10, **({"steering": steering} if steering else {})} for u in users]
 
 
@@ -175,15 +178,15 @@ def bench_serve(
     """Every mode at every concurrency, in `rounds` interleaved rounds (the mode order rotates each round), so that
     drift in the machine's load affects all modes alike instead of whichever ran last."""
     limit_threads(1)  # as in a one-CPU replica
-    engine = Engine.load(bundle, threads=1)
+    served = Served.load(bundle, threads=1)
     result: dict[str, Any] = {
         "bundle": str(bundle),
-        "versions": engine.versions,
+        "versions": served.versions,
         "duration_s": duration,
         "warmup_s": warmup,
         "rounds": rounds,
         "load_generator": "aiohttp closed loop, same machine",
-        "engine_ms": engine_bench(engine),
+        "engine_ms": engine_bench(served),
         "http": {},
     }
     service = start_local(bundle, port=free_port(), metrics_port=free_port())
@@ -196,10 +199,10 @@ def bench_serve(
 
     def run(mode: str, concurrency: int) -> LoadRun:
         configure(sae=mode != "bare")
-        return asyncio.run(load(service.url, _bodies(engine, mode), concurrency, duration, warmup))
+        return asyncio.run(load(service.url, _bodies(served, mode), concurrency, duration, warmup))
 
     try:
-        result["replica_ms"] = replica_bench(engine, bundle)
+        result["replica_ms"] = replica_bench(served, bundle)
         for concurrency in concurrencies:
             runs: dict[str, list[LoadRun]] = {mode: [] for mode in MODES}
             for r in range(rounds):

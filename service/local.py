@@ -22,7 +22,6 @@ from recsae_core.common.errors import ConfigError, RecsaeError
 
 APP_NAME = "recsae"
 BUILDER = "service.app:app_builder"
-DEPLOYMENT_ARGS = ("num_replicas", "num_cpus", "max_ongoing_requests")
 
 
 def port_free(host: str, port: int) -> bool:

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from service.engine import Engine, Row, RowResult
+    from service.engine import Row, RowResult
+    from service.served import Served
 
 LATENCY_MS = [0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 2500, 5000]
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
@@ -172,11 +173,12 @@ class ServiceMetrics:
         self.window: LiveWindow | None = None
         self._info: dict[str, str] | None = None
 
-    def use_engine(self, engine: Engine, concept_cap: int, window: int) -> None:
-        """Reset the per-bundle state (labels, live window, bundle info) for a newly served engine."""
-        self.labels = ConceptLabels(engine.catalog.latent_name, engine.n_latents, concept_cap)
-        self.window = LiveWindow(engine.stats.frequency.numpy(), window)
-        self._info = {k: str(engine.versions.get(k)) for k in ("bundle", "model", "sae")}
+    def use_bundle(self, served: Served, concept_cap: int, window: int) -> None:
+        """Reset the per-bundle state (labels, live window, bundle info) for a newly served bundle."""
+        sae = served.engine.sae
+        self.labels = ConceptLabels(served.catalog.latent_name, sae.n_latents, concept_cap)
+        self.window = LiveWindow(sae.stats.frequency.numpy(), window)
+        self._info = {k: str(served.versions.get(k)) for k in ("bundle", "model", "sae")}
         self.refresh()
 
     def _inc(self, metric: Any, value: float, tags: dict[str, str] | None = None) -> None:
@@ -200,7 +202,7 @@ class ServiceMetrics:
         self._inc(self.requests, 1, tags={"route": route, "method": method, "outcome": outcome, "policy": policy})
         self._observe(self.request_latency, latency_ms, tags={"route": route})
 
-    def batch(self, engine: Engine, rows: list[Row], results: list[RowResult], timings: dict[str, float]) -> None:
+    def batch(self, served: Served, rows: list[Row], results: list[RowResult], timings: dict[str, float]) -> None:
         for stage, value in timings.items():
             self._observe(self.stage_latency, value, tags={"stage": stage})
         self._observe(self.batch_size, len(rows))
@@ -210,9 +212,9 @@ class ServiceMetrics:
             if row.suppressed:
                 self._inc(self.steering_suppressed, 1)
             items = result.items
-            arp = float(engine.popularity[items].mean()) if len(items) else 0.0
-            tail = float((~engine.head[items]).mean()) if len(items) else 0.0
-            n_tail = int((~engine.head[items]).sum())
+            arp = float(served.popularity[items].mean()) if len(items) else 0.0
+            tail = float((~served.head[items]).mean()) if len(items) else 0.0
+            n_tail = int((~served.head[items]).sum())
             if len(items):
                 self._inc(self.served, len(items), tags={"policy": policy})
                 self._observe(self.list_arp, arp, tags={"policy": policy})

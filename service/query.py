@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.datastructures import QueryParams
 
+from service.errors import RequestError
 from service.schemas import RecommendRequest, ServiceConfig, validation_message
-from service.steering import RequestError
 
 ALLOWED = ("user_id", "history", "k", "exclude_seen", "policy", "ablate", "steer", "explain")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

@@ -12,8 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-Op = Literal["ablate", "pin", "nudge", "scale"]
-Unit = Literal["raw", "std", "max"]
+from recsae_core.sae.edits import OPS, UNITS, EditBounds, op_problem
+
+Op = Literal[OPS]  # the names come from recsae_core's op table: a new op needs no change here
+Unit = Literal[UNITS]
 Id = Annotated[str | int, Field(union_mode="left_to_right")]
 
 
@@ -48,14 +50,24 @@ class ServiceConfig(BaseModel):
             raise ValueError("must be finite")
         return value
 
+    def edit_bounds(self) -> EditBounds:
+        """The limits every request's edits are validated against."""
+        return EditBounds(max_abs_std=self.max_abs_std, max_scale=self.max_scale, max_edits=self.max_edits)
+
 
 def _config(info: ValidationInfo) -> ServiceConfig | None:
     context = info.context or {}
     return context.get("config")
 
 
+UNBOUNDED = EditBounds(max_abs_std=math.inf, max_scale=math.inf)
+"""Without a ServiceConfig in the validation context, only the ops' own rules apply."""
+
+
 class EditIn(BaseModel):
-    """One latent edit, addressed by catalogued concept name or by latent index."""
+    """One latent edit, addressed by catalogued concept name or by latent index. Its op, value and unit are checked
+    by recsae_core's edit rules (op_problem) as the request is parsed, so a bad edit is refused before any id is
+    looked up; the rest (latent range, statistics, conflicts with a policy) once it is resolved."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -69,16 +81,9 @@ class EditIn(BaseModel):
     def _check(self, info: ValidationInfo) -> EditIn:
         if (self.concept is None) == (self.latent is None):
             raise ValueError("give exactly one of 'concept' or 'latent'")
-        if self.op == "ablate" and self.value != 0:
-            raise ValueError(f"ablate takes no value (got {self.value})")
-        if self.op in ("ablate", "scale") and self.unit != "raw":
-            raise ValueError(f"unit '{self.unit}' does not apply to {self.op}; units apply to pin and nudge only")
         cfg = _config(info)
-        if cfg is not None:
-            if self.op == "scale" and abs(self.value) > cfg.max_scale:
-                raise ValueError(f"scale factor {self.value} outside [-{cfg.max_scale}, {cfg.max_scale}]")
-            if self.unit == "std" and abs(self.value) > cfg.max_abs_std:
-                raise ValueError(f"|value| {abs(self.value)} std exceeds the bound of {cfg.max_abs_std} std")
+        if problem := op_problem(self.op, self.value, self.unit, cfg.edit_bounds() if cfg is not None else UNBOUNDED):
+            raise ValueError(problem)
         return self
 
     @property

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ import numpy as np
 from recsae_core.bundle.format import Bundle
 from recsae_core.common.errors import ConfigError
 from recsae_core.debias.bias_metrics import head_mask
-from recsae_core.sae.edits import OPS, UNITS, Edit, EditBounds, validate_edits
+from recsae_core.sae.edits import Edit, EditBounds, validate_edits
 from recsae_core.sae.stats import LatentStats
 from service.errors import RequestError
 
@@ -39,17 +38,21 @@ class Policy:
     """A bundled policy: resolved edits, or why it cannot be used."""
 
     name: str
+    """The policy file's name without .json."""
     description: str
+    """Its description (empty when it has none)."""
     edits: list[Edit]
+    """Its edits, resolved to latents and validated (empty when unusable)."""
     error: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
+    """Why the policy cannot be used with this bundle (None when it can)."""
 
 
 class Catalog:
-    """Concept name <-> latent, and the bundle's policies as validated edit lists."""
+    """Concept name <-> latent, and the bundle's policies as validated edit lists. Edits are checked against
+    `bounds` and `stats` by recsae_core's validate_edits, the one validation of an edit."""
 
     def __init__(self, bundle: Bundle, stats: LatentStats, n_latents: int, bounds: EditBounds) -> None:
-        self.n_latents = n_latents
+        self.n_latents, self.stats, self.bounds = n_latents, stats, bounds
         self.concepts: list[dict[str, Any]] = []
         self.by_name: dict[str, dict[str, Any]] = {}
         self.latent_name: dict[int, str] = {}
@@ -75,7 +78,7 @@ class Catalog:
         self.policies: dict[str, Policy] = {}
         self.identity = bundle_identity(bundle.manifest)
         for name, body in bundle.policies.items():
-            self.policies[name] = self._policy(name, body, stats, bounds)
+            self.policies[name] = self._policy(name, body)
 
     def concept(self, name: str) -> dict[str, Any]:
         entry = self.by_name.get(name.casefold())
@@ -91,12 +94,18 @@ class Catalog:
             raise RequestError(422, f"policy '{name}' cannot be used with this bundle: {policy.error}")
         return policy
 
+    def latent_of(self, concept: str) -> int:
+        """The catalogued concept's latent; 422 naming close matches when there is no such concept."""
+        entry = self.by_name.get(concept.casefold())
+        if entry is None:
+            raise RequestError(422, suggest(concept, self.names, "concept"))
+        return int(entry["latent"])
+
     def edit(self, latent: int | None, concept: str | None, op: str, value: float, unit: str) -> Edit:
+        """A request's edit with its target resolved to a latent in range (the values are validated with the rest
+        of the row's edits, by resolve_steering)."""
         if concept is not None:
-            entry = self.by_name.get(concept.casefold())
-            if entry is None:
-                raise RequestError(422, suggest(concept, self.names, "concept"))
-            latent = int(entry["latent"])
+            latent = self.latent_of(concept)
         if latent is None or not 0 <= latent < self.n_latents:
             raise RequestError(422, f"latent {latent} out of range [0, {self.n_latents})")
         return Edit(int(latent), op, float(value), unit)
@@ -105,7 +114,7 @@ class Catalog:
         name = self.latent_name.get(latent)
         return f"latent {latent}" + (f" (concept '{name}')" if name else "")
 
-    def _policy(self, name: str, body: Any, stats: LatentStats, bounds: EditBounds) -> Policy:
+    def _policy(self, name: str, body: Any) -> Policy:
         description = str(body.get("description", "")) if isinstance(body, dict) else ""
         raw = body if isinstance(body, dict) else {}
         try:
@@ -114,35 +123,32 @@ class Catalog:
             entries = raw.get("edits")
             if not isinstance(entries, list) or not entries:
                 raise ConfigError("needs a non-empty 'edits' list")
-            edits = []
-            for i, entry in enumerate(entries):
-                if not isinstance(entry, dict):
-                    raise ConfigError(f"edit {i} is not an object")
-                op, unit = entry.get("op"), entry.get("unit", "raw")
-                if op not in OPS or unit not in UNITS:
-                    raise ConfigError(f"edit {i}: op {op!r} / unit {unit!r} not supported")
-                value = entry.get("value", 0.0)
-                if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                    raise ConfigError(f"edit {i}: value must be a finite number")
-                concept = entry.get("concept")
-                latent = entry.get("latent")
-                try:
-                    edits.append(self.edit(latent, concept, op, value, unit))
-                except RequestError as err:
-                    raise ConfigError(f"edit {i}: {err.message}") from None
-            validate_edits(edits, self.n_latents, bounds, stats)
+            parsed = [self._policy_edit(i, entry) for i, entry in enumerate(entries)]
+            edits = validate_edits(parsed, self.n_latents, self.bounds, self.stats)
         except ConfigError as err:
             log.warning("policy %r is unusable: %s", name, err)
-            return Policy(name, description, [], str(err), raw)
-        return Policy(name, description, edits, None, raw)
+            return Policy(name, description, [], str(err))
+        # JSON integers become floats once validated, as a request's values are.
+        return Policy(name, description, [Edit(e.latent, e.op, float(e.value), e.unit) for e in edits])
 
-    def resolve_steering(
-        self, policy: str | None, edits: list[Edit], bounds: EditBounds, stats: LatentStats
-    ) -> list[Edit]:
+    def _policy_edit(self, i: int, entry: Any) -> Edit:
+        """A policy file's edit: a concept name, if given, becomes its latent; other keys than the Edit's fields and
+        'concept' are ignored (notes in hand-written policies)."""
+        if not isinstance(entry, dict):
+            raise ConfigError(f"edit {i} is not an object")
+        fields = {key: entry[key] for key in ("latent", "op", "value", "unit") if key in entry}
+        if entry.get("concept") is not None:
+            try:
+                fields["latent"] = self.latent_of(str(entry["concept"]))
+            except RequestError as err:
+                raise ConfigError(f"edit {i}: {err.message}") from None
+        return Edit.from_dict(fields)
+
+    def resolve_steering(self, policy: str | None, edits: list[Edit]) -> list[Edit]:
         """Policy edits + request edits, refusing two edits on one latent and anything outside the bounds."""
         if policy is not None and not edits:
             # A bundled policy was validated against these bounds and statistics when the bundle was loaded (the
-            # engine, and with it this catalog, is rebuilt whenever either changes).
+            # catalog is rebuilt whenever either changes).
             return list(self.policy(policy).edits)
         combined: list[Edit] = []
         owner: dict[int, str] = {}
@@ -160,12 +166,13 @@ class Catalog:
             owner[edit.latent] = f"edit {i}"
             combined.append(edit)
         try:
-            return validate_edits(combined, self.n_latents, bounds, stats)
+            return validate_edits(combined, self.n_latents, self.bounds, self.stats)
         except ConfigError as err:
             raise RequestError(422, f"steering: {err}") from None
 
-    def concept_summary(self, entry: dict[str, Any], stats: LatentStats) -> dict[str, Any]:
-        latent = int(entry["latent"])
+    def concept_summary(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A catalogued concept's fields with its latent's statistics."""
+        stats, latent = self.stats, int(entry["latent"])
         out = {k: v for k, v in entry.items() if isinstance(v, str | int | float | bool | type(None))}
         out.update(
             latent=latent,

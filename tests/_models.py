@@ -9,7 +9,8 @@ import torch
 
 from recsae_core.data.datasets import Dataset
 from recsae_core.data.splits import Split
-from recsae_core.recommenders import LightGCN, Recommender
+from recsae_core.recommenders.base import Recommender
+from recsae_core.recommenders.lightgcn import LightGCN
 from recsae_core.recommenders.train import build_model
 
 MODELS = ("bprmf", "lightgcn", "sasrec")

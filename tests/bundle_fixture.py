@@ -23,11 +23,12 @@ from recsae_core.common.layout import STATS_FILE
 from recsae_core.data.datasets import load_dataset
 from recsae_core.data.splits import make_split
 from recsae_core.probe.collect import collect, load_activations
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.run import RunContext
-from recsae_core.recommenders.train import TrainConfig, build_model, train_recommender
-from recsae_core.sae.model import SAEConfig
+from recsae_core.recommenders.train import build_model, train_recommender
+from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import latent_statistics, save_stats
-from recsae_core.sae.train import SAETrainConfig, train_sae
+from recsae_core.sae.train import train_sae
 
 ENV = "RECSAE_TEST_BUNDLE"
 
@@ -68,8 +69,12 @@ def build_test_bundle(out: Path, n_latents: int = 256, k: int = 8, sae_epochs: i
         ctx = RunContext(root, data, split, model.eval(), {"dataset": "ml-100k", "protocol": "recbole", "seed": 2020})
         activations, _, _ = load_activations(collect(ctx, progress=False).folder)
         sample = activations[torch.randperm(len(activations), generator=torch.Generator().manual_seed(0))[:20000]]
-        config = SAETrainConfig(lr=2e-3, batch_size=512, epochs=sae_epochs, patience=sae_epochs, progress=False)
-        sae = train_sae(sample, SAEConfig(d_in=activations.shape[1], n_latents=n_latents, k=k), config).sae
+        # Every epoch scored on training FVU, no tolerance, plateau drops, time limit or dead-latent rule: fast.
+        config = SAETrainConfig(
+            n_latents=n_latents, k=k, lr=2e-3, batch_size=512, epochs=sae_epochs, patience=sae_epochs,
+            select_every=1, select_tolerance=0.0, lr_drops=0, max_minutes=0, max_dead=1.0, progress=False,
+        )  # fmt: skip
+        sae = train_sae(sample, config).sae
         stats = latent_statistics(sae, activations)
         sae.save(root / "sae")
         save_stats(stats, root / "sae" / STATS_FILE)

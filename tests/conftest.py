@@ -1,4 +1,5 @@
-"""Shared fixtures: real MovieLens data loaded once per session, and a writer for tiny atomic-file datasets."""
+"""Shared fixtures, each defined once: real MovieLens data, short-trained runs, the service bundle, and a writer for
+tiny atomic-file datasets."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from bundle_fixture import build_test_bundle
 
 from recsae_core.data.datasets import Dataset, load_dataset
 from recsae_core.data.splits import Split, make_split
+from recsae_core.recommenders.config import TrainConfig
+from recsae_core.recommenders.run import train_step
 
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 
@@ -68,3 +72,31 @@ def write_atomic(tmp_path: Path) -> AtomicWriter:
         return folder
 
     return write
+
+
+# Quality does not matter for the shared runs, only real weights: the fewest epochs that train a real model.
+SHARED_RUN_EPOCHS = {"sasrec": 1, "bprmf": 2}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """trained_run(model) -> a run folder holding only `recommender/`: `model` trained briefly on ML-100K (recbole
+    protocol), once per session on first request. Tests write probes, SAEs and bundles elsewhere, or on a copy."""
+    runs: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in runs:
+            run_dir = tmp_path_factory.mktemp(f"shared-run-{model}")
+            config = TrainConfig(epochs=SHARED_RUN_EPOCHS[model], progress=False)
+            train_step(run_dir, "ml-100k", model, "recbole", config)
+            runs[model] = run_dir
+        return runs[model]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real bundle every service test serves (SASRec on ML-100K + TopK SAE + catalog + policies; see
+    bundle_fixture.py), built once per session, or $RECSAE_TEST_BUNDLE."""
+    return build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")

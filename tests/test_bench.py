@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from bundle_fixture import build_test_bundle
 
 from service.bench import MODES, LoadRun, replica_bench, summarize
-from service.engine import Engine
+from service.served import Served
 
 
 def test_summarize_pools_rounds_before_taking_percentiles():
@@ -32,20 +31,20 @@ def test_summarize_without_successes_reports_nan_latency():
 
 
 @pytest.fixture(scope="module")
-def engine_on_ray(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Engine, Path]]:
-    """A real engine on a small real bundle, with a local Ray for the metrics (no Serve app: replica_bench drives
-    the replica's request path in process)."""
-    bundle = build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")  # shared with test_service.py
+def served_on_ray(service_bundle: Path) -> Iterator[tuple[Served, Path]]:
+    """A small real bundle, loaded as a replica serves it, with a local Ray for the metrics (no Serve app:
+    replica_bench drives the replica's request path in process)."""
+    bundle = service_bundle
     ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        yield Engine.load(bundle, threads=1), bundle
+        yield Served.load(bundle, threads=1), bundle
     finally:
         ray.shutdown()
 
 
-def test_replica_bench_times_every_stage_of_every_mode(engine_on_ray: tuple[Engine, Path]) -> None:
-    engine, bundle = engine_on_ray
-    out = replica_bench(engine, bundle, n=60)
+def test_replica_bench_times_every_stage_of_every_mode(served_on_ray: tuple[Served, Path]) -> None:
+    served, bundle = served_on_ray
+    out = replica_bench(served, bundle, n=60)
     stages = ("parse", "engine", "metrics", "response", "flush", "total")
     for mode in MODES:
         assert all(math.isfinite(out[mode][s]) and out[mode][s] >= 0 for s in stages), out[mode]

@@ -13,7 +13,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from _shared_runs import trained_run
 from safetensors.numpy import load_file, save_file
 
 from recsae_core.bundle.export import contents_from_run
@@ -21,26 +20,26 @@ from recsae_core.bundle.format import FORMAT_VERSION, MANIFEST, load_bundle, ver
 from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import RunLayout
 from recsae_core.pipeline import steps as pipeline
-from recsae_core.recommenders import Batch
+from recsae_core.recommenders.base import Batch
 from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.run import load_run
-from recsae_core.recommenders.train import TrainConfig
-from recsae_core.sae.fit import SAEOptions
+from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
 
 pytestmark = pytest.mark.slow
 
-SAE_OPTIONS = SAEOptions(n_latents=128, k=4, epochs=2, progress=False)
+SAE_CONFIG = SAETrainConfig(n_latents=128, k=4, epochs=2, progress=False)
 NDCG_KEYS = {"original", "substituted", "error_preserving", "random_sae_substituted"}
 _BUILT: dict[str, dict] = {}
 
 
-def build(tmp_path_factory, model: str) -> dict:
+def build(trained_run, model: str) -> dict:
     """The shared run taken through probe, SAE and bundle once per session."""
     if model not in _BUILT:
-        run_dir = trained_run(tmp_path_factory, model)
+        run_dir = trained_run(model)
         probe = pipeline.probe_step(run_dir, progress=False)
-        metrics = pipeline.sae_step(run_dir, SAE_OPTIONS)
+        metrics = pipeline.sae_step(run_dir, SAE_CONFIG)
         result = pipeline.bundle_step(run_dir)
         _BUILT[model] = {"model": model, "run_dir": run_dir, "probe": probe, "metrics": metrics, "result": result,
                          "ctx": load_run(run_dir), "bundle": load_bundle(RunLayout(run_dir).bundle)}  # fmt: skip
@@ -48,15 +47,15 @@ def build(tmp_path_factory, model: str) -> dict:
 
 
 @pytest.fixture(scope="module", params=["sasrec", "bprmf"])
-def built(request, tmp_path_factory) -> dict:
-    return build(tmp_path_factory, request.param)
+def built(request, trained_run) -> dict:
+    return build(trained_run, request.param)
 
 
 @pytest.fixture
-def bundle_copy(tmp_path_factory, tmp_path) -> Path:
+def bundle_copy(trained_run, tmp_path) -> Path:
     """A private copy of the BPR-MF bundle to damage."""
     folder = tmp_path / "bundle"
-    shutil.copytree(RunLayout(build(tmp_path_factory, "bprmf")["run_dir"]).bundle, folder)
+    shutil.copytree(RunLayout(build(trained_run, "bprmf")["run_dir"]).bundle, folder)
     return folder
 
 
@@ -105,7 +104,7 @@ def test_sae_metrics(built):
     assert on_disk["passthrough_max_abs_score_diff"] <= 1e-5
     assert (on_disk["n_latents"], on_disk["k"], on_disk["n_samples"]) == (128, 4, built["probe"]["n_samples"])
     # AuxK's dead window is the option's sample count, capped at one epoch of this small probe.
-    assert on_disk["dead_after"] == min(SAE_OPTIONS.dead_after, built["probe"]["n_samples"])
+    assert on_disk["dead_after"] == min(SAE_CONFIG.dead_after, built["probe"]["n_samples"])
     assert 1 <= on_disk["epochs_trained"] <= 2
     assert RunLayout(built["run_dir"]).sae_complete()
 
@@ -239,9 +238,9 @@ def strays(folder: Path) -> list[str]:
 
 
 @pytest.fixture
-def broken_contents(tmp_path_factory, tmp_path):
+def broken_contents(trained_run, tmp_path):
     """Bundle contents whose SAE folder lacks latent_stats.safetensors: write_bundle fails after writing most files."""
-    built = build(tmp_path_factory, "bprmf")
+    built = build(trained_run, "bprmf")
     sae = tmp_path / "broken-sae"
     shutil.copytree(RunLayout(built["run_dir"]).sae, sae)
     (sae / "latent_stats.safetensors").unlink()
@@ -276,7 +275,7 @@ def test_crash_mid_write_keeps_previous_bundle(broken_contents, bundle_copy):
 
 def test_pipeline_rerun_skips_and_refuses_other_runs(tmp_path):
     run_dir = tmp_path / "run"
-    train, sae = TrainConfig(epochs=1, progress=False), SAEOptions(n_latents=64, k=4, epochs=1, progress=False)
+    train, sae = TrainConfig(epochs=1, progress=False), SAETrainConfig(n_latents=64, k=4, epochs=1, progress=False)
     steps = ("recommender", "probe", "sae", "concepts", "bundle")
     first: list[str] = []
     summary = pipeline.run_pipeline(run_dir, "ml-100k", "bprmf", "recbole", train, sae, log=first.append)

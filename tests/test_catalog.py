@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _shared_runs import trained_run
 from test_llm_client import llama_server  # noqa: F401 (a fixture)
 
 from recsae_core.common.errors import ArtifactError, ConfigError
@@ -24,7 +23,8 @@ from recsae_core.common.layout import STATS_FILE, RunLayout
 from recsae_core.concepts.catalog import CATALOG, REPORT, CatalogOptions, build_catalog
 from recsae_core.concepts.llm_client import LLMOptions
 from recsae_core.concepts.samples import SampleOptions
-from recsae_core.pipeline.steps import SAEOptions, probe_step, sae_step
+from recsae_core.pipeline.steps import probe_step, sae_step
+from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import load_stats
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ SMALL = CatalogOptions(samples=SampleOptions(n_background=5000), progress=False)
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, trained_run) -> Path:
     if os.environ.get("RECSAE_TEST_RUN"):
         source = Path(os.environ["RECSAE_TEST_RUN"])
         run = tmp_path_factory.mktemp("catalog-run")
@@ -40,9 +40,9 @@ def run_dir(tmp_path_factory) -> Path:
             shutil.copytree(source / part, run / part)
         return run
     run = tmp_path_factory.mktemp("catalog-run")
-    shutil.copytree(trained_run(tmp_path_factory, "sasrec") / "recommender", run / "recommender")
+    shutil.copytree(trained_run("sasrec") / "recommender", run / "recommender")
     probe_step(run, progress=False)
-    sae_step(run, SAEOptions(n_latents=128, k=4, epochs=2, progress=False))
+    sae_step(run, SAETrainConfig(n_latents=128, k=4, epochs=2, progress=False))
     return run
 
 

@@ -24,7 +24,6 @@ from recsae_core.concepts.llm_client import yes_share
 from recsae_core.concepts.llm_labeler import parse_explanation
 from recsae_core.concepts.samples import (
     SampleOptions,
-    activation_levels,
     column_top_units,
     encode_sparse,
     latent_values,
@@ -36,19 +35,22 @@ from recsae_core.concepts.samples import (
 from recsae_core.concepts.scoring import best_threshold, paper_confidence, roc_auc, score_latent, unit_coherence
 from recsae_core.data.splits import Ragged
 from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.runtime import SAERuntime, activation_levels
 from recsae_core.sae.stats import LatentStats
 
 # ------------------------------------------------------------------------------------------------ levels
 
 
-def test_levels_bin_by_global_deciles_like_latent_stats():
+def test_levels_bin_by_global_deciles_of_latent_stats():
     cuts = np.arange(1, 10, dtype=np.float32)  # 1..9
     values = np.array([0.0, 0.5, 1.0, 1.5, 8.99, 9.0, 50.0], dtype=np.float32)
     expected = [0, 1, 2, 2, 9, 10, 10]  # a value on a cut point belongs to the level above it
     assert activation_levels(values, cuts).tolist() == expected
+    assert activation_levels(values, cuts.astype(np.float64)).tolist() == expected  # as the catalog passes them
     n = 1
     stats = LatentStats(*(torch.zeros(n) for _ in range(4)), torch.zeros(n, 9), torch.from_numpy(cuts), 1)
-    assert stats.levels(torch.from_numpy(values)).tolist() == expected
+    sae = TopKSAE(SAEConfig(d_in=4, n_latents=n, k=1), seed=0)
+    assert SAERuntime.from_model(sae, stats).levels(values).tolist() == expected  # as the service bins them
 
 
 def test_encode_sparse_matches_dense_encode():
@@ -57,7 +59,7 @@ def test_encode_sparse_matches_dense_encode():
     with torch.no_grad():
         sae.b_enc.copy_(torch.linspace(-0.3, 0.1, 32))  # some rows get fewer than k positive pre-activations
     x = torch.randn(257, 8)
-    codes = encode_sparse(sae, x, batch_size=50)
+    codes = encode_sparse(SAERuntime.from_model(sae), x, batch_size=50)
     with torch.no_grad():
         dense = sae.encode(x).numpy()
     assert isinstance(codes, sp.csc_matrix) and codes.has_sorted_indices

@@ -11,13 +11,16 @@ import pytest
 import torch
 from _models import MODELS, untrained
 
-from recsae_core.recommenders import LightGCN
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.evaluate import evaluate, make_batch
-from recsae_core.recommenders.train import TrainConfig, train_recommender
-from recsae_core.sae.edits import Edit, EditBounds, Intervener, validate_edits
+from recsae_core.recommenders.lightgcn import LightGCN
+from recsae_core.recommenders.train import train_recommender
+from recsae_core.sae.config import SAETrainConfig
+from recsae_core.sae.edits import Edit, EditBounds, validate_edits
 from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.runtime import SAERuntime
 from recsae_core.sae.stats import latent_statistics
-from recsae_core.sae.train import SAETrainConfig, evaluate_reconstruction, train_sae
+from recsae_core.sae.train import evaluate_reconstruction, train_sae
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the CUDA path is checked on GPU")
 
@@ -78,8 +81,9 @@ def test_sae_forward_and_statistics_match_cpu():
 def test_sae_training_on_cuda_reconstructs_and_saves_for_cpu(tmp_path):
     x = gaussian_activations()
     result = train_sae(
-        x, SAEConfig(d_in=32, n_latents=128, k=8),
-        SAETrainConfig(lr=3e-3, batch_size=512, epochs=15, patience=15, device="cuda", progress=False),
+        x,
+        SAETrainConfig(n_latents=128, k=8, lr=3e-3, batch_size=512, epochs=15, patience=15, select_every=1,
+                       select_tolerance=0.0, lr_drops=0, max_minutes=0, max_dead=1.0, device="cuda", progress=False),
     )  # fmt: skip
     sae = result.sae
     assert sae.device.type == "cuda"
@@ -90,7 +94,9 @@ def test_sae_training_on_cuda_reconstructs_and_saves_for_cpu(tmp_path):
     assert evaluate_reconstruction(back, x)["fvu"] == pytest.approx(fvu, abs=1e-4)
 
 
-def test_interventions_on_cuda_match_cpu():
+def test_interventions_on_cuda_match_the_served_runtime():
+    """Steering is served by the numpy runtime on the CPU; the same algebra, h + (z' - z) W_dec, computed on CUDA
+    from the torch SAE's own code, agrees with it."""
     x = gaussian_activations(n=256)
     sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=8), seed=2).eval()
     stats = latent_statistics(sae, gaussian_activations())
@@ -100,8 +106,20 @@ def test_interventions_on_cuda_match_cpu():
         n_latents=128, bounds=EditBounds(), stats=stats,
     )  # fmt: skip
     per_row = [edits if i % 2 else [] for i in range(len(x))]
-    out_cpu = Intervener(sae, stats).apply(x, per_row)
-    out_gpu = Intervener(sae.cuda(), stats).apply(x.cuda(), per_row)
-    torch.testing.assert_close(out_gpu.h_new.cpu(), out_cpu.h_new, atol=1e-4, rtol=1e-4)
+    out_cpu = SAERuntime.from_model(sae, stats).steer(x.numpy(), per_row)
+    gpu = sae.cuda()
+    with torch.no_grad():
+        z = gpu.encode(x.cuda())
+        z_new = z.clone()
+        for row, row_edits in enumerate(per_row):
+            for e in row_edits:
+                v = e.value * {"raw": 1.0, "std": float(stats.std_activation[e.latent]),
+                               "max": float(stats.max_activation[e.latent])}[e.unit]  # fmt: skip
+                now = z[row, e.latent]
+                z_new[row, e.latent] = {"ablate": 0.0, "pin": v, "nudge": now + v, "scale": now * v}[e.op]
+        out_gpu = x.cuda() + (z_new - z) @ gpu.W_dec
+    torch.testing.assert_close(out_gpu.cpu(), torch.from_numpy(out_cpu.h), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_new.cpu(), torch.from_numpy(out_cpu.z_new), atol=1e-4, rtol=1e-4)
     unchanged = torch.arange(len(x)) % 2 == 0
-    assert torch.equal(out_gpu.h_new.cpu()[unchanged], x[unchanged])  # rows without edits pass through bit for bit
+    assert torch.equal(out_gpu.cpu()[unchanged], x[unchanged])  # rows without edits pass through bit for bit
+    assert torch.equal(torch.from_numpy(out_cpu.h)[unchanged], x[unchanged])

@@ -17,17 +17,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from _shared_runs import trained_run
 
 from recsae_core.bundle.format import sha256_file
 from recsae_core.common.layout import STATS_FILE
 from recsae_core.debias.bias_metrics import popularity_metrics
 from recsae_core.debias.experiment import debias
 from recsae_core.debias.screen import associate, benjamini_hochberg, made_for
-from recsae_core.pipeline.steps import SAEOptions, probe_step, sae_step
+from recsae_core.pipeline.steps import probe_step, sae_step
 from recsae_core.recommenders.run import load_run
-from recsae_core.sae.edits import Edit, EditBounds, Intervener
+from recsae_core.sae.config import SAETrainConfig
+from recsae_core.sae.edits import Edit, EditBounds, validate_edits
 from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.runtime import SAERuntime
 from recsae_core.sae.stats import load_stats
 from service.steering import Catalog, RequestError
 
@@ -35,7 +36,7 @@ RUN_ENV = "RECSAE_TEST_RUN"
 
 
 @pytest.fixture(scope="session")
-def debias_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def debias_run(tmp_path_factory: pytest.TempPathFactory, trained_run) -> tuple[Path, dict]:
     """A run with recommender, probe and a 128-latent SAE, and its popularity debias result (budget 20%: a tiny
     run's NDCG is noisy, and these tests need a written policy, not a figure)."""
     run = tmp_path_factory.mktemp("debias-run")
@@ -44,9 +45,9 @@ def debias_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
         for name in ("recommender", "probe", "sae"):
             shutil.copytree(source / name, run / name)
     else:
-        shutil.copytree(trained_run(tmp_path_factory, "sasrec") / "recommender", run / "recommender")
+        shutil.copytree(trained_run("sasrec") / "recommender", run / "recommender")
         probe_step(run, progress=False)
-        sae_step(run, SAEOptions(n_latents=128, k=4, epochs=3, progress=False))
+        sae_step(run, SAETrainConfig(n_latents=128, k=4, epochs=3, progress=False))
     result = debias(run, "popularity", budget=0.2, max_candidates=6, progress=False, strengths=(0.5, 1.0, 2.0),
                     log=lambda _: None)  # fmt: skip
     return run, result
@@ -91,15 +92,15 @@ def test_report_layout(debias_run: tuple[Path, dict]) -> None:
 
 
 def test_policy_lowers_popularity_as_served(debias_run: tuple[Path, dict]) -> None:
-    """The saved policy, applied through the Intervener (as the service does), lowers ARP and raises the tail share
-    of the test lists."""
+    """The saved policy, applied through the SAE runtime's steer (as the service does), lowers ARP and raises the
+    tail share of the test lists."""
     run, result = debias_run
     policy = json.loads((run / "policies" / "popularity.json").read_text())
     assert policy["version"] >= 1 and policy["target"] == "popularity" and policy["made_for"] == made_for(load_run(run))
     ctx = load_run(run)
     sae = TopKSAE.load(run / "sae")
-    intervener = Intervener(sae, load_stats(run / "sae" / STATS_FILE, sae.cfg.n_latents))
-    edits = [Edit(**e) for e in policy["edits"]]
+    runtime = SAERuntime.from_model(sae, load_stats(run / "sae" / STATS_FILE, sae.cfg.n_latents))
+    edits = validate_edits([Edit(**e) for e in policy["edits"]], sae.cfg.n_latents, EditBounds(), runtime.stats)
     from recsae_core.recommenders.evaluate import make_batch, mask_seen
 
     seen = ctx.split.seen("test")
@@ -107,7 +108,7 @@ def test_policy_lowers_popularity_as_served(debias_run: tuple[Path, dict]) -> No
     with torch.no_grad():
         h = ctx.model.represent(make_batch(ctx.model, users, seen, "cpu"))
         before = mask_seen(ctx.model.score(h), users, seen).topk(10, dim=1).indices.numpy()
-        steered = intervener.steer_all(h, edits).h_new
+        steered = torch.from_numpy(runtime.steer(h.numpy(), [edits] * len(h)).h)
         after = mask_seen(ctx.model.score(steered), users, seen).topk(10, dim=1).indices.numpy()
     popularity = ctx.split.item_popularity()
     m0, m1 = popularity_metrics(before, popularity), popularity_metrics(after, popularity)

@@ -3,12 +3,16 @@ from deploy/serve.yaml, a real Prometheus server started from deploy/prometheus.
 counter, a latency quantile, concept activations and every dashboard query read back through Prometheus's API.
 
 The tools come from scripts/install_tools.sh (helm in .tools/bin, promtool/prometheus from Debian,
-kubernetes-validate in the venv); the tests run it when a tool is missing.
+kubernetes-validate, jsonschema and grafana-foundation-sdk in the venv); the tests run it when a tool is missing.
+Everything else the checks read is in this repository: the KubeRay CRDs in deploy/kuberay/crds and the validators
+in scripts/deploy_checks/, whose refusals of bad input are tested here too.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -32,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 CHART = ROOT / "helm" / "recsae"
 HELM = ROOT / ".tools" / "bin" / "helm"
+VALIDATORS = ROOT / "scripts" / "deploy_checks"
+VALIDATE = [sys.executable, "-m", "scripts.deploy_checks"]  # run with cwd=ROOT
+CRDS = DEPLOY / "kuberay" / "crds"
 RAY_EXPORT_INTERVAL = "RAY_metrics_report_interval_ms"
 CHART_SET_FIELDS = {"bundle", "threads"}  # ServiceConfig fields the chart fills in itself
 
@@ -42,6 +49,7 @@ def _tools_missing() -> list[str]:
         missing.append("helm")
     if not (Path(sys.executable).parent / "kubernetes-validate").exists():
         missing.append("kubernetes-validate")
+    missing += [m for m in ("jsonschema", "grafana_foundation_sdk") if importlib.util.find_spec(m) is None]
     return missing
 
 
@@ -85,6 +93,243 @@ def test_configs_cover_every_service_setting() -> None:
     assert allowed == fields - CHART_SET_FIELDS
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     ServiceConfig.model_validate({**values["serve"]["userConfig"], "bundle": "/b"})
+
+
+# ---------------------------------------------------------------- the project's own validators refuse bad input
+
+
+def test_deploy_checks_need_nothing_beside_the_repository() -> None:
+    """The checks run from a bare clone: no path outside the repository (the old ../shared reference folder)."""
+    outside = re.compile(r"\.\./shared|RECSAE_SHARED|/work/shared|dirname \"\$ROOT\"")
+    scripts = [ROOT / "scripts" / n for n in ("check_deploy.sh", "install_tools.sh")]
+    for path in scripts + sorted(VALIDATORS.glob("*.py")):
+        hits = [line for line in path.read_text().splitlines() if outside.search(line)]
+        assert not hits, f"{path.name} reaches outside the repository: {hits}"
+
+
+def test_vendored_crds_match_their_notice() -> None:
+    """deploy/kuberay/crds holds KubeRay 1.7.0's RayService and RayJob CRDs, unmodified, with their licence."""
+    notice = (CRDS / "NOTICE").read_text()
+    assert "KubeRay" in notice and "1.7.0" in notice and "Apache License, Version 2.0" in notice
+    assert "Apache License" in (CRDS / "LICENSE").read_text() and "Version 2.0" in (CRDS / "LICENSE").read_text()
+    kinds = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() in notice, f"{path.name} differs from its NOTICE hash"
+        crd = yaml.safe_load(path.read_text())
+        kinds[crd["spec"]["names"]["kind"]] = {v["name"] for v in crd["spec"]["versions"] if v.get("served")}
+    assert kinds == {"RayService": {"v1", "v1alpha1"}, "RayJob": {"v1", "v1alpha1"}}
+
+
+def validate(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*VALIDATE, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def rayservice(tools: None) -> dict[str, Any]:
+    """The RayService the chart renders with its default values."""
+    helm = str(HELM) if HELM.exists() else shutil.which("helm")
+    assert helm
+    out = subprocess.run([helm, "template", "recsae", str(CHART)], capture_output=True, text=True, check=True).stdout
+    (doc,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "RayService"]
+    return doc
+
+
+def _head_container(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _unknown_field(doc: dict[str, Any]) -> None:
+    doc["spec"]["rayClusterConfig"]["enableInTreeAutoscalling"] = True
+
+
+def _wrong_type(doc: dict[str, Any]) -> None:
+    doc["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] = "yes"
+
+
+def _duplicate_env(doc: dict[str, Any]) -> None:
+    env = _head_container(doc)["env"]
+    env.append(dict(env[0]))
+
+
+def _quantity_list(doc: dict[str, Any]) -> None:
+    _head_container(doc)["resources"]["limits"]["cpu"] = [2]
+
+
+def _metadata_typo(doc: dict[str, Any]) -> None:
+    doc["metadata"]["lables"] = {"a": "b"}
+
+
+def _unserved_version(doc: dict[str, Any]) -> None:
+    doc["apiVersion"] = "ray.io/v2"
+
+
+# (mutation of the rendered RayService, what the validator must say about it)
+BAD_RAYSERVICES = {
+    "unknown-field": (_unknown_field, 'unknown field "spec.rayClusterConfig.enableInTreeAutoscalling"'),
+    "wrong-type": (_wrong_type, "spec.rayClusterConfig.enableInTreeAutoscaling: 'yes' is not of type 'boolean'"),
+    "duplicate-list-map-key": (
+        _duplicate_env,
+        "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].env[1]: duplicate entry",
+    ),
+    "int-or-string": (_quantity_list, "resources.limits.cpu: [2] must be an integer or a string"),
+    "metadata-unknown-field": (_metadata_typo, 'unknown field "metadata.lables"'),
+    "unserved-version": (_unserved_version, "ray.io/v2 RayService is not served by the vendored CRDs"),
+}
+
+
+@pytest.fixture(scope="module")
+def crd_verdicts(rayservice: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    """(exit status, output) of the CRD validator per bad manifest; one process per file keeps verdicts apart."""
+    tmp = tmp_path_factory.mktemp("bad-crs")
+    out = {}
+    for name, (mutate, _) in BAD_RAYSERVICES.items():
+        doc = copy.deepcopy(rayservice)
+        mutate(doc)
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        run = validate("crd", path)
+        out[name] = (run.returncode, run.stdout + run.stderr)
+    duplicate = tmp / "duplicate-key.yaml"
+    duplicate.write_text("apiVersion: ray.io/v1\nkind: RayService\nmetadata:\n  name: a\n  name: b\nspec: {}\n")
+    run = validate("crd", duplicate)
+    out["duplicate-key"] = (run.returncode, run.stdout + run.stderr)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RAYSERVICES))
+def test_crd_validator_refuses_bad_rayservice(crd_verdicts: dict[str, tuple[int, str]], case: str) -> None:
+    code, output = crd_verdicts[case]
+    assert code == 1, output
+    assert BAD_RAYSERVICES[case][1] in output, output
+    assert "OK " not in output
+
+
+def test_crd_validator_refuses_duplicate_yaml_keys(crd_verdicts: dict[str, tuple[int, str]]) -> None:
+    code, output = crd_verdicts["duplicate-key"]
+    assert code == 1 and "line 5: duplicate field 'name'" in output, output
+
+
+def test_crd_validator_accepts_rayservice_rayjob_and_api_server_normalization(
+    rayservice: dict[str, Any], tmp_path: Path
+) -> None:
+    """Nulls of non-nullable fields are dropped and defaults applied (as the API server does); RayJob has its CRD."""
+    doc = copy.deepcopy(rayservice)
+    doc["spec"]["rayClusterConfig"]["headGroupSpec"]["serviceType"] = None
+    job = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": "recsae-job"},
+        "spec": {
+            "entrypoint": "python -m service.cli --help",
+            "rayClusterSpec": {
+                "rayVersion": "2.60.0",
+                "headGroupSpec": {
+                    "rayStartParams": {},
+                    "template": {"spec": {"containers": [{"name": "ray-head", "image": "rayproject/ray:2.60.0"}]}},
+                },
+            },
+        },
+    }
+    path = tmp_path / "resources.yaml"
+    path.write_text(yaml.safe_dump_all([doc, job]))
+    run = validate("crd", "--expect", "RayService", "--expect", "RayJob", path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "RayService/recsae (ray.io/v1, strict)" in run.stdout
+    assert "RayJob/recsae-job (ray.io/v1, strict)" in run.stdout
+    job["spec"]["entrypoint"] = 7
+    path.write_text(yaml.safe_dump(job))
+    run = validate("crd", "--expect", "RayService", path)
+    assert run.returncode == 1
+    assert "spec.entrypoint: 7 is not of type 'string'" in run.stdout and "no RayService in the file" in run.stdout
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads((DEPLOY / "grafana" / "recsae.json").read_text())
+
+
+def _first(d: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(p for p in d["panels"] if p["type"] == kind)
+
+
+def _no_schema_version(d: dict[str, Any]) -> None:
+    del d["schemaVersion"]
+
+
+def _panel_typo(d: dict[str, Any]) -> None:
+    _first(d, "stat")["titel"] = "typo"
+
+
+def _bad_option(d: dict[str, Any]) -> None:
+    _first(d, "stat")["options"]["colorMode"] = "valu"
+
+
+def _bad_custom(d: dict[str, Any]) -> None:
+    _first(d, "timeseries")["fieldConfig"]["defaults"]["custom"] = {"lineWidht": 2}
+
+
+def _target_typo(d: dict[str, Any]) -> None:
+    _first(d, "timeseries")["targets"][0]["legendFomat"] = "{{policy}}"
+
+
+def _wrong_row_type(d: dict[str, Any]) -> None:
+    _first(d, "row")["collapsed"] = "no"
+
+
+def _duplicate_id(d: dict[str, Any]) -> None:
+    _first(d, "timeseries")["id"] = _first(d, "stat")["id"]
+
+
+# (mutation of deploy/grafana/recsae.json, what the dashboard validator must say about it)
+BAD_DASHBOARDS = {
+    "missing-required-field": (_no_schema_version, "<root>: 'schemaVersion' is a required property"),
+    "unknown-panel-field": (_panel_typo, 'unknown field "panels[1].titel"'),
+    "bad-panel-option": (_bad_option, "panels[1].options.colorMode: 'valu' is not one of"),
+    "bad-field-config": (_bad_custom, 'unknown field "panels[5].fieldConfig.defaults.custom.lineWidht"'),
+    "unknown-query-field": (_target_typo, 'unknown field "panels[5].targets[0].legendFomat"'),
+    "wrong-type": (_wrong_row_type, "panels[0].collapsed: 'no' is not of type 'boolean'"),
+    "duplicate-panel-id": (_duplicate_id, "id 2 already used by panel 2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DASHBOARDS))
+def test_dashboard_validator_refuses(tools: None, tmp_path: Path, case: str) -> None:
+    mutate, message = BAD_DASHBOARDS[case]
+    d = _dashboard()
+    mutate(d)
+    path = tmp_path / f"{case}.json"
+    path.write_text(json.dumps(d))
+    run = validate("dashboard", path)
+    assert run.returncode == 1 and message in run.stdout, run.stdout + run.stderr
+
+
+def test_promql_check_refuses_invalid_queries(tools: None, tmp_path: Path) -> None:
+    """A query promtool cannot parse, and one with an undefined variable, are named by panel and refId."""
+    d = _dashboard()
+    stat = _first(d, "stat")
+    stat["targets"][0]["expr"] = "sum(rate(ray_recsae_requests_total[5m])"
+    series = _first(d, "timeseries")
+    series["targets"][0]["expr"] = 'sum(rate(ray_recsae_requests_total{policy=~"$polcy"}[$__rate_interval]))'
+    path = tmp_path / "bad-promql.json"
+    path.write_text(json.dumps(d))
+    run = validate("promql", path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f'panel {stat["id"]} "{stat["title"]}" target A: could not parse expression' in run.stdout
+    assert "unclosed left parenthesis" in run.stdout
+    assert f"panel {series['id']} \"{series['title']}\" target A: undefined variable(s) ['polcy']" in run.stdout
+
+
+def test_promql_check_accepts_variables_and_backreferences(tools: None, tmp_path: Path) -> None:
+    """Grafana's variables are substituted the way Grafana would; `$1` in label_replace is PromQL, not a variable."""
+    d = _dashboard()
+    _first(d, "timeseries")["targets"][0]["expr"] = (
+        'label_replace(sum by (policy) (rate(ray_recsae_requests_total{policy=~"${policy:regex}"}[$__range])),'
+        ' "p", "$1", "policy", "(.*)") > $__interval_ms'
+    )
+    path = tmp_path / "good-promql.json"
+    path.write_text(json.dumps(d))
+    run = validate("promql", path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert re.search(r"OK .*: \d+ queries parsed by promtool", run.stdout)
 
 
 # ---------------------------------------------------------------- live: service + Prometheus on loopback
@@ -151,10 +396,8 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from bundle_fixture import build_test_bundle
-
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")  # shared with test_service.py
+def bundle(service_bundle: Path) -> Path:
+    return service_bundle
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,24 @@ def test_import_succeeds(imported):
     assert result["bundle"] == str(imported["out"])
     assert result["sae"]["n_samples"] == N_USERS and result["sae"]["selected_on"] == "held-out FVU"
     assert 0 <= result["sae"]["fvu"] < 1.5
+    # --sae-epochs 3 is the cap: on 270 training rows only the last epoch is scored, so nothing stops it sooner.
+    assert (result["sae"]["epochs_trained"], result["sae"]["stopped_by"]) == (3, "epochs")
+    assert (result["sae"]["n_latents"], result["sae"]["k"]) == (64, 4)
+
+
+def test_import_honours_every_sae_option(inputs, tmp_path, capsys):
+    """`bundle --import-onnx` once ignored --sae-max-minutes and --dead-after (a 1-minute budget ran 264 s)."""
+    out, work = tmp_path / "bundle", tmp_path / "work"
+    args = [*argv(inputs, out, work=work), "--sae-epochs", "50", "--sae-max-minutes", "1e-9", "--dead-after", "100",
+            "--sae-lr", "0.005"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    result = json.loads(capsys.readouterr().out)["sae"]
+    # A budget no epoch fits in stops training after the first epoch, and the metrics say so.
+    assert (result["stopped_by"], result["epochs_trained"], result["max_minutes"]) == ("time", 1, 1e-9)
+    assert (result["dead_after"], result["lr"]) == (100, 0.005)
+    on_disk = json.loads((work / "sae" / "metrics.json").read_text())
+    assert on_disk["stopped_by"] == "time" and len(on_disk["history"]) == 1
+    assert TopKSAE.load(load_bundle(out).sae_folder).cfg.dead_after == 100
 
 
 def test_bundle_is_accepted(imported, inputs):

@@ -1,15 +1,19 @@
-"""Error-preserving interventions: hand-checked algebra, exact pass-through, batching and validation."""
+"""Error-preserving interventions (the SAE runtime's steer): hand-checked algebra for every op and unit, exact
+pass-through, batching, the offline transform built on it, the op table, and validation."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from recsae_core.common.errors import ArtifactError, ConfigError
-from recsae_core.sae.edits import Edit, EditBounds, Intervener, validate_edits
+from recsae_core.debias.screen import policy_transform
+from recsae_core.sae.edits import OP_TABLE, OPS, Edit, EditBounds, apply_ops, validate_edits
 from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.runtime import SAERuntime
 from recsae_core.sae.stats import LatentStats, latent_statistics
 
 torch.set_num_threads(1)
@@ -40,7 +44,11 @@ def hand_stats(std: float = 0.5, peak: float = 4.0, n_latents: int = 4) -> Laten
     )
 
 
-H = torch.tensor([[3.0, 1.0]])
+H = np.array([[3.0, 1.0]], dtype=np.float32)
+
+
+def axis_runtime() -> SAERuntime:
+    return SAERuntime.from_model(axis_sae(), hand_stats())
 
 
 @pytest.mark.parametrize(
@@ -60,19 +68,30 @@ H = torch.tensor([[3.0, 1.0]])
     ],
 )
 def test_each_op_and_unit_by_hand(edit, expected):
-    result = Intervener(axis_sae(), hand_stats()).apply(H, [[edit]])
-    torch.testing.assert_close(result.z, torch.tensor([[3.0, 0, 0, 0]]))
-    torch.testing.assert_close(result.h_new, torch.tensor([expected]))
+    result = axis_runtime().steer(H, [[edit]])
+    np.testing.assert_allclose(result.z, [[3.0, 0, 0, 0]], rtol=1.3e-6, atol=1e-5)
+    np.testing.assert_allclose(result.h, [expected], rtol=1.3e-6, atol=1e-5)
     # h' - h is exactly the decoded change of the code.
-    torch.testing.assert_close(result.h_new - H, (result.z_new - result.z) @ axis_sae().W_dec)
+    np.testing.assert_allclose(result.h - H, (result.z_new - result.z) @ axis_runtime().w_dec, rtol=1.3e-6, atol=1e-5)
 
 
 def test_several_edits_on_one_row_combine():
     edits = [Edit(0, "scale", 2.0), Edit(1, "pin", 1.0), Edit(2, "nudge", 1.0, "std")]
-    result = Intervener(axis_sae(), hand_stats()).apply(H, [edits])
+    result = axis_runtime().steer(H, [edits])
     # z' = [6, 1, 0.5, 0]: h' = [3, 1] + [3, 0] + [0, 1] + [-0.5, 0]
-    torch.testing.assert_close(result.z_new, torch.tensor([[6.0, 1.0, 0.5, 0.0]]))
-    torch.testing.assert_close(result.h_new, torch.tensor([[5.5, 2.0]]))
+    np.testing.assert_allclose(result.z_new, [[6.0, 1.0, 0.5, 0.0]], rtol=1.3e-6, atol=1e-5)
+    np.testing.assert_allclose(result.h, [[5.5, 2.0]], rtol=1.3e-6, atol=1e-5)
+
+
+def test_op_table_algebra():
+    """Every op of the table, applied elementwise as the runtime applies it, in float32."""
+    current = np.array([3.0, 3.0, 3.0, 3.0], dtype=np.float32)
+    operand = np.array([0.0, 2.0, 2.0, 2.0], dtype=np.float32)
+    edited = apply_ops(np.asarray(OPS), current, operand)
+    assert OPS == ("ablate", "pin", "nudge", "scale") and tuple(OP_TABLE) == OPS
+    assert edited.dtype == np.float32 and edited.tolist() == [0.0, 2.0, 5.0, 6.0]
+    with pytest.raises(ValueError, match=r"unknown ops \['boost'\]"):
+        apply_ops(np.asarray(["pin", "boost"]), current[:2], operand[:2])
 
 
 def trained_like() -> tuple[TopKSAE, LatentStats, torch.Tensor]:
@@ -84,50 +103,57 @@ def trained_like() -> tuple[TopKSAE, LatentStats, torch.Tensor]:
 
 def test_no_edits_returns_h_bit_identical():
     sae, stats, h = trained_like()
-    result = Intervener(sae, stats).apply(h, [[] for _ in h])
-    assert torch.equal(result.h_new, h) and torch.equal(result.z_new, result.z)
-    assert result.h_new.data_ptr() != h.data_ptr()  # a copy: callers may modify it
-    h64 = h.double()
-    assert torch.equal(Intervener(sae, stats).steer_all(h64, []).h_new, h64)
+    runtime, h = SAERuntime.from_model(sae, stats), h.numpy()
+    result = runtime.steer(h, [[] for _ in h])
+    assert np.array_equal(result.h, h) and np.array_equal(result.z_new, result.z)
+    assert not np.shares_memory(result.h, h)  # a copy: callers may modify it
+    h64 = h.astype(np.float64)
+    steered64 = runtime.steer(h64, [[] for _ in h64]).h
+    assert steered64.dtype == np.float64 and np.array_equal(steered64, h64)
+    assert policy_transform(runtime, []) is None  # the offline transform of no edits leaves h alone
 
 
 def test_per_row_edits_match_single_row_results():
     sae, stats, h = trained_like()
-    h = h[:3]
-    intervener = Intervener(sae, stats)
-    active = int(intervener.apply(h[:1], [[]]).z[0].argmax())
+    runtime, h = SAERuntime.from_model(sae, stats), h[:3].numpy()
+    active = int(runtime.steer(h[:1], [[]]).z[0].argmax())
     per_row = [[Edit(active, "ablate")], [], [Edit(5, "nudge", 1.5, "std"), Edit(active, "scale", 2.0)]]
-    batch = intervener.apply(h, per_row)
-    assert torch.equal(batch.h_new[1], h[1])
+    batch = runtime.steer(h, per_row)
+    assert np.array_equal(batch.h[1], h[1])
     for row, edits in enumerate(per_row):
-        single = intervener.apply(h[row : row + 1], [edits])
-        torch.testing.assert_close(batch.h_new[row], single.h_new[0], rtol=0, atol=1e-6)
-        torch.testing.assert_close(batch.z_new[row], single.z_new[0], rtol=0, atol=1e-6)
-    assert not torch.allclose(batch.h_new[0], h[0]) and not torch.allclose(batch.h_new[2], h[2])
+        single = runtime.steer(h[row : row + 1], [edits])
+        np.testing.assert_allclose(batch.h[row], single.h[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(batch.z_new[row], single.z_new[0], rtol=0, atol=1e-6)
+    assert not np.allclose(batch.h[0], h[0]) and not np.allclose(batch.h[2], h[2])
     assert batch.z_new[0, active] == 0
 
 
-def test_steer_all_applies_the_same_edits_to_every_row():
+def test_policy_transform_applies_the_same_edits_to_every_row():
     sae, stats, h = trained_like()
-    intervener = Intervener(sae, stats)
+    runtime = SAERuntime.from_model(sae, stats)
     edits = [Edit(7, "nudge", 1.0, "std")]
-    steered = intervener.steer_all(h, edits)
-    torch.testing.assert_close(steered.h_new, intervener.apply(h, [edits] * len(h)).h_new)
-    delta = steered.h_new - h
-    torch.testing.assert_close(delta, (stats.std_activation[7] * sae.W_dec[7]).expand_as(delta), rtol=0, atol=1e-5)
+    steered = policy_transform(runtime, edits)(h)
+    assert isinstance(steered, torch.Tensor)
+    np.testing.assert_array_equal(steered.numpy(), runtime.steer(h.numpy(), [edits] * len(h)).h)
+    delta = steered - h
+    expected = (stats.std_activation[7] * sae.W_dec[7]).detach().expand_as(delta)
+    torch.testing.assert_close(delta, expected, rtol=0, atol=1e-5)
 
 
-def test_intervener_checks_inputs():
+def test_runtime_checks_inputs():
     sae, stats, h = trained_like()
     with pytest.raises(ArtifactError, match="cover 8 latents, but the SAE has 64"):
-        Intervener(sae, hand_stats(n_latents=8))
-    intervener = Intervener(sae, stats)
+        SAERuntime.from_model(sae, hand_stats(n_latents=8))
+    runtime, h = SAERuntime.from_model(sae, stats), h.numpy()
     with pytest.raises(ValueError, match=r"shape \(B, 16\)"):
-        intervener.apply(h[:, :8], [[]] * len(h))
+        runtime.steer(h[:, :8], [[]] * len(h))
     with pytest.raises(ValueError, match="2 edit lists for 40 rows"):
-        intervener.apply(h, [[], []])
+        runtime.steer(h, [[], []])
+    with pytest.raises(ValueError, match="needs the SAE's latent statistics"):
+        SAERuntime.from_model(sae).steer(h, [[]] * len(h))
+    # Edits reach the runtime validated: the offline transform validates as the service does.
     with pytest.raises(ConfigError, match="edit 0"):
-        intervener.apply(h[:2], [[], [Edit(99, "ablate")]])
+        policy_transform(runtime, [Edit(99, "ablate")])
 
 
 # ------------------------------------------------------------------ validation
@@ -149,8 +175,8 @@ def test_intervener_checks_inputs():
         ([Edit(0, "pin", -6.0)], r"\|value\| is 12 std of latent 0, beyond the bound of 10.0 std"),
         ([Edit(0, "nudge", 2.0, "max")], r"\|value\| is 16 std of latent 0"),
         ([Edit(0, "scale", 11.0)], r"scale factor 11.0 outside \[-10.0, 10.0\]"),
-        ([Edit(0, "scale", 2.0, "std")], r"unit 'std' does not apply to scale; units apply only to pin and nudge"),
-        ([Edit(0, "ablate", 1.0)], r"ablate takes no value, got 1.0"),
+        ([Edit(0, "scale", 2.0, "std")], r"unit 'std' does not apply to scale; units apply to pin and nudge only"),
+        ([Edit(0, "ablate", 1.0)], r"ablate takes no value \(got 1.0\)"),
         ([Edit(0, "ablate", unit="max")], r"unit 'max' does not apply to ablate"),
         ([Edit(2, "pin", 1.0), Edit(2, "nudge", 1.0)], r"edit 1 .*conflicts with edit 0 on the same latent 2"),
         ([Edit(3, "ablate"), Edit(1, "pin", 1.0), Edit(3, "pin", 1.0)], r"edit 2 .*conflicts with edit 0"),

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import numpy as np
@@ -24,6 +25,15 @@ from recsae_core.concepts.llm_client import ENV_MODEL, ENV_URL, LLMCacheMiss, LL
 from recsae_core.concepts.llm_labeler import detect_messages, explain_messages, parse_explanation
 
 pytestmark = pytest.mark.slow
+LAUNCHER = Path(__file__).resolve().parents[1] / "scripts" / "llm_server.py"
+"""The development launcher: a script beside the project, not part of the importable library."""
+
+
+def load_launcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("llm_server", LAUNCHER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -45,10 +55,10 @@ def smollm2_file() -> Path:
 
 @pytest.fixture(scope="session")
 def llama_server(tmp_path_factory) -> Iterator[str]:
-    """llama-cpp-python's server (through scripts.llm_server, which only makes its log-probabilities lazy) with
+    """llama-cpp-python's server (through scripts/llm_server.py, which only makes its log-probabilities lazy) with
     SmolLM2 on a free loopback port; yields its /v1 URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "scripts.llm_server", "--model", str(smollm2_file()), "--host", "127.0.0.1",
+    cmd = [sys.executable, str(LAUNCHER), "--model", str(smollm2_file()), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1"]  # fmt: skip
     log_path = tmp_path_factory.mktemp("llama-server") / "server.log"
     log = log_path.open("w")  # a file, not a pipe: llama.cpp logs a lot and a full pipe would block it
@@ -236,7 +246,8 @@ def test_cache_only_answers_from_the_cache_and_never_calls_the_server(proxy, tmp
 def test_launcher_computes_the_same_logprobs_for_the_rows_read():
     from llama_cpp import Llama
 
-    from scripts.llm_server import LazyLogprobs, patch_llama
+    launcher = load_launcher()
+    LazyLogprobs, patch_llama = launcher.LazyLogprobs, launcher.patch_llama
 
     stock = Llama.logits_to_logprobs
     logits = np.random.default_rng(0).normal(scale=5.0, size=(40, 5000)).astype(np.single)

@@ -11,10 +11,12 @@ import torch
 from _models import MODELS, untrained
 
 from recsae_core.common.errors import ArtifactError
-from recsae_core.recommenders import Batch, LightGCN, SASRec
+from recsae_core.recommenders.base import Batch
 from recsae_core.recommenders.batching import pad_histories
 from recsae_core.recommenders.checkpoint import CONFIG, WEIGHTS, load_recommender, save_recommender
 from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.lightgcn import LightGCN
+from recsae_core.recommenders.sasrec import SASRec
 from recsae_core.recommenders.train import build_model
 
 USERS = np.array([0, 5, 17, 300, 938])

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _shared_runs import trained_run
 from onnx import TensorProto, helper
 from safetensors.numpy import load_file, save_file
 from torch import nn
@@ -33,14 +32,14 @@ def probe_into(ctx: RunContext, root: Path, **kwargs) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def bprmf(tmp_path_factory):
-    ctx = load_run(trained_run(tmp_path_factory, "bprmf"))
+def bprmf(tmp_path_factory, trained_run):
+    ctx = load_run(trained_run("bprmf"))
     return ctx, *probe_into(ctx, tmp_path_factory.mktemp("probe-bprmf"))
 
 
 @pytest.fixture(scope="module")
-def sasrec(tmp_path_factory):
-    ctx = load_run(trained_run(tmp_path_factory, "sasrec"))
+def sasrec(tmp_path_factory, trained_run):
+    ctx = load_run(trained_run("sasrec"))
     return ctx, *probe_into(ctx, tmp_path_factory.mktemp("probe-sasrec"))
 
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from recsae_core.common.errors import ArtifactError, ConfigError
 from recsae_core.common.layout import STATS_FILE
+from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import CFG, WEIGHTS, SAEConfig, TopKSAE, fvu
+from recsae_core.sae.runtime import activation_levels
 from recsae_core.sae.stats import latent_statistics, load_stats, save_stats
-from recsae_core.sae.train import SAETrainConfig, evaluate_reconstruction, random_sae, train_sae
+from recsae_core.sae.train import evaluate_reconstruction, random_sae, train_sae
 
 torch.set_num_threads(1)
 
@@ -31,6 +37,14 @@ def sparse_data(n: int, n_atoms: int = 24, active: int = 2, d: int = 16, seed: i
 
 def small_sae(**overrides) -> TopKSAE:
     return TopKSAE(SAEConfig(**{"d_in": 16, "n_latents": 64, "k": 4, **overrides}), seed=0)
+
+
+def run_config(**overrides) -> SAETrainConfig:
+    """A 64-latent, k=4 run with what train_sae did before it took the pipeline's defaults (lr 1e-4, every epoch
+    scored, no tolerance, no plateau drops, no time limit, no dead-latent rule), so each test states what it varies."""
+    former = {"n_latents": 64, "k": 4, "lr": 1e-4, "select_every": 1, "select_tolerance": 0.0, "lr_drops": 0,
+              "max_minutes": 0, "max_dead": 1.0, "progress": False}  # fmt: skip
+    return SAETrainConfig(**{**former, **overrides})
 
 
 def row_norms(sae: TopKSAE) -> torch.Tensor:
@@ -204,12 +218,7 @@ def test_load_refuses_nan_weights(saved):
 
 def test_training_reaches_low_fvu_and_keeps_decoder_unit_norm():
     x, valid = sparse_data(4096), sparse_data(1024, seed=1)
-    result = train_sae(
-        x,
-        SAEConfig(d_in=16, n_latents=64, k=4),
-        SAETrainConfig(lr=1e-2, batch_size=256, epochs=6, patience=6, progress=False),
-        valid=valid,
-    )
+    result = train_sae(x, run_config(lr=1e-2, batch_size=256, epochs=6, patience=6), valid=valid)
     assert result.epochs_trained == 6 and len(result.history) == 6
     assert result.history[-1]["valid_fvu"] < 0.1
     assert result.history[0]["valid_fvu"] > result.history[-1]["valid_fvu"]
@@ -232,9 +241,7 @@ def test_auxk_revives_dead_latents():
             start.W_enc[:, 16:] *= 0.01
             start.b_enc[:16] += 0.5
         assert evaluate_reconstruction(start, x)["dead_fraction"] == 0.75
-        result = train_sae(
-            x, cfg, SAETrainConfig(lr=1e-2, batch_size=256, epochs=3, patience=3, progress=False), init=start
-        )
+        result = train_sae(x, run_config(lr=1e-2, batch_size=256, epochs=3, patience=3, dead_after=512), init=start)
         dead_fractions[coef] = result.history[-1]["dead_fraction"]
     assert dead_fractions[0.0] == 0.75  # no gradient ever reaches a latent outside the top-k
     assert dead_fractions[1 / 32] < 0.5
@@ -249,12 +256,7 @@ def test_early_stopping_keeps_the_best_selected_epoch():
         snapshots.append(sae.W_enc.detach().clone())
         return next(scores)
 
-    result = train_sae(
-        x,
-        SAEConfig(d_in=16, n_latents=64, k=4),
-        SAETrainConfig(lr=1e-2, batch_size=256, epochs=10, patience=2, progress=False),
-        select=select,
-    )
+    result = train_sae(x, run_config(lr=1e-2, batch_size=256, epochs=10, patience=2), select=select)
     assert (result.best_epoch, result.epochs_trained, result.best_score) == (2, 4, 0.9)
     assert result.stopped_by == "patience"
     assert torch.equal(result.sae.W_enc, snapshots[1])
@@ -264,7 +266,7 @@ def test_selection_tolerance_prefers_the_better_reconstruction_among_tied_scores
     from recsae_core.sae.train import _keep
 
     tol = SAETrainConfig(select_tolerance=0.01, min_fvu_gain=0.005)
-    strict = SAETrainConfig()
+    strict = SAETrainConfig(select_tolerance=0.0)
     # Kept: score 0.200 at FVU 0.20. A later epoch at 0.199 (within 1%) with FVU 0.15 replaces it...
     assert _keep(0.199, 0.15, top_score=0.200, kept_score=0.200, kept_fvu=0.20, tc=tol)
     # ...but not without a clear reconstruction gain, nor outside the tolerance, nor without a tolerance.
@@ -279,8 +281,7 @@ def test_select_every_scores_only_every_nth_epoch_and_the_last():
     x = sparse_data(512)
     calls = []
     result = train_sae(
-        x, SAEConfig(d_in=16, n_latents=64, k=4),
-        SAETrainConfig(batch_size=256, epochs=7, patience=10, select_every=3, progress=False),
+        x, run_config(batch_size=256, epochs=7, patience=10, select_every=3),
         select=lambda sae, row: calls.append(1) or float(len(calls)),
     )  # fmt: skip
     assert [row["epoch"] for row in result.history if "score" in row] == [3, 6, 7]
@@ -291,10 +292,8 @@ def test_plateau_lowers_the_learning_rate_before_stopping():
     x = sparse_data(512)
     scores = iter([0.5, 0.4, 0.3, 0.2, 0.1, 0.0, -0.1])
     result = train_sae(
-        x, SAEConfig(d_in=16, n_latents=64, k=4),
-        SAETrainConfig(lr=1e-2, batch_size=256, epochs=20, patience=2, lr_drops=1, progress=False),
-        select=lambda sae, row: next(scores),
-    )  # fmt: skip
+        x, run_config(lr=1e-2, batch_size=256, epochs=20, patience=2, lr_drops=1), select=lambda sae, row: next(scores)
+    )
     # Epoch 1 is kept; epochs 2-3 exhaust the patience once (lr x0.3), epochs 4-5 a second time (stop).
     assert (result.best_epoch, result.epochs_trained, result.stopped_by) == (1, 5, "patience")
     assert [row.get("lr") for row in result.history] == [None, None, pytest.approx(3e-3), None, None]
@@ -302,25 +301,96 @@ def test_plateau_lowers_the_learning_rate_before_stopping():
 
 def test_time_budget_stops_training_and_says_so():
     x = sparse_data(1024)
-    result = train_sae(
-        x, SAEConfig(d_in=16, n_latents=64, k=4),
-        SAETrainConfig(batch_size=256, epochs=50, patience=50, max_seconds=1e-6, progress=False),
-    )  # fmt: skip
+    result = train_sae(x, run_config(batch_size=256, epochs=50, patience=50, max_minutes=1e-8))
     assert (result.epochs_trained, result.stopped_by) == (1, "time")
-    with pytest.raises(ConfigError, match="max_seconds"):
-        SAETrainConfig(max_seconds=0)
+    with pytest.raises(ConfigError, match="max_minutes"):
+        SAETrainConfig(max_minutes=-1)
     with pytest.raises(ConfigError, match="select_tolerance"):
         SAETrainConfig(select_tolerance=1.5)
+
+
+def test_time_budget_is_checked_on_epochs_that_are_not_scored():
+    x = sparse_data(1024)
+    result = train_sae(x, run_config(batch_size=256, epochs=50, patience=50, select_every=10, max_minutes=1e-8))
+    # The epoch that ran out of time is scored and can be kept, like a last epoch.
+    assert (result.epochs_trained, result.stopped_by, result.best_epoch) == (1, "time", 1)
+    assert "score" in result.history[0]
+
+
+def test_checkpoints_with_too_many_dead_latents_lose_whatever_their_score():
+    x = sparse_data(512)
+    # (score, dead share) per epoch; select writes the dead share into the row train_sae then reads.
+    script = iter([(0.9, 0.5), (0.95, 0.4), (0.1, 0.0), (0.99, 0.3), (0.2, 0.01), (0.15, 0.0), (0.14, 0.0)])
+
+    def select(sae: TopKSAE, row: dict[str, float]) -> float:
+        score, row["valid_dead_fraction"] = next(script)
+        return score
+
+    result = train_sae(x, run_config(batch_size=256, epochs=7, patience=3, max_dead=0.05), select=select, valid=x)
+    # Epoch 3 (0.1) is the first within max_dead and beats 0.9 and 0.95; epoch 4 (0.99, too dead) does not; epoch 5
+    # (0.2) beats epoch 3 among the ones within max_dead.
+    assert (result.best_epoch, result.best_score, result.epochs_trained) == (5, 0.2, 7)
+    scripted = iter([(0.9, 0.5), (0.95, 0.4), (0.1, 0.0), (0.99, 0.3), (0.2, 0.01), (0.15, 0.0), (0.14, 0.0)])
+
+    def without_rule(sae: TopKSAE, row: dict[str, float]) -> float:
+        score, row["valid_dead_fraction"] = next(scripted)
+        return score
+
+    result = train_sae(x, run_config(batch_size=256, epochs=7, patience=3, max_dead=1.0), select=without_rule, valid=x)
+    assert (result.best_epoch, result.best_score) == (4, 0.99)
+
+
+def test_run_config_resolves_derived_values_in_one_place():
+    config = SAETrainConfig(n_latents=64, k=4, dead_after=80_000)
+    small = config.resolve(1000)
+    assert (small.batch_size, small.select_every, small.dead_after) == (64, 50, 1000)
+    large = config.resolve(1_000_000)
+    assert (large.batch_size, large.select_every, large.dead_after) == (4096, 1, 80_000)
+    assert large.resolve(1_000_000) == large  # resolving twice changes nothing
+    explicit = SAETrainConfig(batch_size=300, select_every=2).resolve(1000)
+    assert (explicit.batch_size, explicit.select_every) == (300, 2)
+    assert small.sae_config(16) == SAEConfig(d_in=16, n_latents=64, k=4, dead_after=1000)
+    assert (SAETrainConfig().max_seconds, SAETrainConfig(max_minutes=0).max_seconds) == (300.0, None)
+
+
+def test_run_config_refuses_bad_values_by_field():
+    cases = {
+        "SAETrainConfig.k 9 exceeds SAETrainConfig.n_latents 8": {"n_latents": 8, "k": 9},
+        "SAETrainConfig.n_latents: expected a positive integer, got 0": {"n_latents": 0},
+        "SAETrainConfig.lr: expected a positive finite number, got nan": {"lr": float("nan")},
+        "SAETrainConfig.epochs: expected a positive integer, got '2.5'": {"epochs": 2.5},
+        "SAETrainConfig.max_dead: expected a number in [0, 1], got 1.5": {"max_dead": 1.5},
+        "SAETrainConfig.lr_drop_factor must be below 1": {"lr_drop_factor": 1.0},
+    }
+    for message, values in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            SAETrainConfig(**values)
+
+
+def test_training_from_an_init_sae_of_another_shape_is_refused():
+    x = sparse_data(256)
+    with pytest.raises(ConfigError, match="init SAE has n_latents=64, k=4; the config asks for 32, 4"):
+        train_sae(x, run_config(n_latents=32, epochs=1), init=small_sae())
+
+
+def test_every_run_config_field_has_a_one_line_docstring():
+    from recsae_core.common.cli_config import field_docs
+
+    source = inspect.getsource(SAETrainConfig)
+    docs = field_docs(SAETrainConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(SAETrainConfig)}
+    for name, doc in docs.items():
+        assert f'"""{doc}"""' in source, f"{name}: docstring is not one line"
 
 
 def test_training_from_shards_and_refusing_one_shot_iterators():
     x = sparse_data(1000)
     shards = [x[:300], x[300:700], x[700:]]
-    train = SAETrainConfig(batch_size=128, epochs=1, patience=1, progress=False)
-    result = train_sae(shards, SAEConfig(d_in=16, n_latents=64, k=4), train)
+    train = run_config(batch_size=128, epochs=1, patience=1)
+    result = train_sae(shards, train)
     assert result.epochs_trained == 1
     with pytest.raises(ConfigError, match="one-shot iterator"):
-        train_sae(iter(shards), SAEConfig(d_in=16, n_latents=64, k=4), train)
+        train_sae(iter(shards), train)
     with pytest.raises(ConfigError, match="batch_size"):
         SAETrainConfig(batch_size=1)
 
@@ -361,7 +431,8 @@ def test_latent_statistics_by_hand(tmp_path):
     torch.testing.assert_close(stats.deciles[1], torch.full((9,), 2.0))
     assert torch.equal(stats.deciles[3], torch.zeros(9))
     torch.testing.assert_close(stats.global_deciles, torch.quantile(torch.tensor([1.0, 2, 3, 5]), q))
-    levels = stats.levels(torch.tensor([0.0, 1.0, 1.05, 2.5, 5.0, 9.0]))
+    values = np.array([0.0, 1.0, 1.05, 2.5, 5.0, 9.0], dtype=np.float32)
+    levels = activation_levels(values, stats.global_deciles.numpy())
     assert levels.tolist() == [0, 1, 1, 6, 10, 10]
 
     path = tmp_path / STATS_FILE
@@ -396,8 +467,7 @@ def test_select_receives_the_epochs_reconstruction_metrics_on_valid():
     x = sparse_data(512)
     rows: list[dict[str, float]] = []
     train_sae(
-        x, SAEConfig(d_in=16, n_latents=64, k=4),
-        SAETrainConfig(batch_size=256, epochs=3, patience=5, progress=False),
+        x, run_config(batch_size=256, epochs=3, patience=5),
         select=lambda sae, row: rows.append(dict(row)) or -row["valid_fvu"], valid=x[:200],
     )  # fmt: skip
     assert [row["epoch"] for row in rows] == [1, 2, 3]

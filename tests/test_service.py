@@ -15,11 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from bundle_fixture import build_test_bundle
 
 from service.app import ADMIN_TOKEN_ENV
-from service.engine import Engine
 from service.local import LocalService, app_config, free_port, start_local
+from service.served import Served
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-admin-token"
@@ -32,19 +31,14 @@ class Live:
     service: LocalService
     client: httpx.Client
     bundle: Path
-    ref: Engine
-    """A local engine on the same bundle, used only for its ONNX session, SAE weights and item matrix."""
+    ref: Served
+    """The same bundle loaded here, used only for its ONNX session, SAE weights, statistics, catalog and ids."""
 
     def post(self, body: dict, path: str = "/v1/recommend") -> httpx.Response:
         return self.client.post(path, json=body)
 
     def user(self, index: int) -> str:
         return str(self.ref.bundle.user_ids[index])
-
-
-@pytest.fixture(scope="session")
-def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def live(service_bundle: Path) -> Iterator[Live]:
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     try:
         with httpx.Client(base_url=service.url, timeout=30) as client:
-            yield Live(service, client, service_bundle, Engine.load(service_bundle))
+            yield Live(service, client, service_bundle, Served.load(service_bundle))
     finally:
         service.stop()
 
@@ -83,7 +77,7 @@ def reference(live: Live, user: int | None = None, history: list[int] | None = N
         seq = np.full((1, spec.max_len), spec.pad_id, dtype=np.int64)
         seq[0, -len(history) :] = history
         seen = np.asarray(history)
-    h = live.ref.session.run(None, {spec.history_input: seq})[0]
+    h = live.ref.engine.session.run(None, {spec.history_input: seq})[0]
     scores = (h @ bundle.item_embeddings.T)[0]
     scores[seen] = -np.inf
     return scores
@@ -95,12 +89,12 @@ def scores_by_item(response: httpx.Response) -> dict[str, float]:
 
 def direction(live: Live, latent: int) -> dict[str, float]:
     """<W_dec[latent], e_i> for every item: how much one unit of the latent moves each item's score."""
-    values = live.ref.sae.W_dec[latent].detach().numpy() @ live.ref.bundle.item_embeddings.T
-    return dict(zip(live.ref.item_ids, values.tolist(), strict=True))
+    values = live.ref.engine.sae.w_dec[latent] @ live.ref.bundle.item_embeddings.T
+    return dict(zip(live.ref.responses.item_ids, values.tolist(), strict=True))
 
 
 def test_passthrough_equals_the_original_model(live: Live) -> None:
-    ids = np.asarray(live.ref.item_ids)
+    ids = np.asarray(live.ref.responses.item_ids)
     for user in (0, 7, 200):
         response = live.post({"user_id": live.user(user), "k": 10})
         assert response.status_code == 200, response.text
@@ -115,7 +109,7 @@ def test_passthrough_equals_the_original_model(live: Live) -> None:
         same = live.client.get("/v1/recommend", params={"user_id": live.user(user), "k": 10}).json()
         assert [i["item_id"] for i in same["items"]] == ids[order].tolist()
     history = [3, 17, 42, 99]
-    body = live.post({"history": [live.ref.item_ids[i] for i in history], "k": 10}).json()
+    body = live.post({"history": [live.ref.responses.item_ids[i] for i in history], "k": 10}).json()
     expected = reference(live, history=history)
     order = np.argsort(-expected, kind="stable")[:10]
     assert [i["item_id"] for i in body["items"]] == ids[order].tolist()
@@ -159,7 +153,7 @@ def scores_by_item_json(body: dict) -> dict[str, float]:
 
 
 def test_nudging_raises_items_aligned_with_the_latent(live: Live) -> None:
-    stats = live.ref.stats
+    stats = live.ref.engine.sae.stats
     latent = int(np.argmax(stats.std_activation.numpy()))
     std = float(stats.std_activation[latent])
     request = {"user_id": live.user(21), "k": 20, "exclude_seen": False}
@@ -209,7 +203,7 @@ def test_policies_and_the_query_string_form(live: Live) -> None:
 def test_explanation(live: Live) -> None:
     body = live.post({"user_id": live.user(2), "explain": True}).json()["explanation"]
     activations = [entry["activation"] for entry in body["latents"]]
-    assert activations == sorted(activations, reverse=True) and 0 < body["l0"] <= live.ref.sae.cfg.k
+    assert activations == sorted(activations, reverse=True) and 0 < body["l0"] <= live.ref.engine.sae.k
     assert all(1 <= entry["level"] <= 10 for entry in body["latents"])
     names = live.ref.catalog.latent_name
     assert all(entry["concept"] == names.get(entry["latent"]) for entry in body["latents"])
@@ -398,7 +392,7 @@ def total(samples: dict[str, list], name: str, **labels: str) -> float:
 
 
 def test_metrics_are_exported_with_bounded_labels(live: Live) -> None:
-    live_latents = np.flatnonzero(live.ref.stats.std_activation.numpy() > 0)[:60]
+    live_latents = np.flatnonzero(live.ref.engine.sae.stats.std_activation.numpy() > 0)[:60]
     for wave in (live_latents[:30], live_latents[30:]):
         for latent in wave:  # every request turns on a different latent
             edit = {"latent": int(latent), "op": "nudge", "value": 2, "unit": "std"}
@@ -446,7 +440,7 @@ def test_metrics_are_exported_with_bounded_labels(live: Live) -> None:
     stages = {s.labels["stage"] for s in samples["ray_recsae_stage_latency_ms_bucket"]}
     assert stages == {"represent", "sae", "rank", "total"}
     l0_sum, l0_count = total(samples, "ray_recsae_sae_l0_sum"), total(samples, "ray_recsae_sae_l0_count")
-    assert l0_count >= 63 and 0 < l0_sum / l0_count <= live.ref.sae.cfg.k
+    assert l0_count >= 63 and 0 < l0_sum / l0_count <= live.ref.engine.sae.k
     assert total(samples, "ray_recsae_sae_fvu_count") == l0_count
     main = {"application": "recsae"}  # (the 'noadmin' app exports its own gauges)
     assert 0 <= total(samples, "ray_recsae_latent_drift", **main) <= 1

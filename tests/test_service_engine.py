@@ -12,40 +12,43 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_fixture import build_test_bundle
 from pydantic import ValidationError
 
 from recsae_core.bundle.format import InputSpec
-from recsae_core.sae.edits import Edit
-from service.engine import Engine, Row
+from recsae_core.sae.edits import OPS, UNITS, Edit, op_problem
+from recsae_core.sae.model import TopKSAE
+from service.engine import Row
+from service.errors import RequestError
 from service.prometheus import OTHER, ConceptLabels, LiveWindow
-from service.schemas import RecommendRequest, ServiceConfig, validation_message
-from service.steering import RequestError, head_items, suggest
+from service.schemas import EditIn, RecommendRequest, ServiceConfig, validation_message
+from service.served import Served
+from service.steering import head_items, suggest
 
 pytestmark = pytest.mark.slow
 CONFIG = ServiceConfig(bundle="unused", max_k=50, max_history=20, max_edits=4)
 
 
-@pytest.fixture(scope="session")
-def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")
+@pytest.fixture(scope="module")
+def served(service_bundle: Path) -> Served:
+    return Served.load(service_bundle)
 
 
 @pytest.fixture(scope="module")
-def engine(service_bundle: Path) -> Engine:
-    return Engine.load(service_bundle)
+def torch_sae(served: Served) -> TopKSAE:
+    """The bundle's SAE as torch trains it: the independent reference for the numpy runtime."""
+    return TopKSAE.load(served.bundle.sae_folder)
 
 
 def parse(body: dict) -> RecommendRequest:
     return RecommendRequest.model_validate(body, context={"config": CONFIG})
 
 
-def reference_scores(engine: Engine, user: int) -> np.ndarray:
+def reference_scores(served: Served, user: int) -> np.ndarray:
     """The original model alone: ONNX h, dot product with the item matrix, seen items masked."""
-    spec = engine.bundle.inputs
-    h = engine.session.run(None, {spec.history_input: engine.bundle.user_inputs[spec.history_input][[user]]})[0]
-    scores = h @ engine.bundle.item_embeddings.T
-    scores[0, engine.bundle.seen(user)] = -np.inf
+    spec, session = served.bundle.inputs, served.engine.session
+    h = session.run(None, {spec.history_input: served.bundle.user_inputs[spec.history_input][[user]]})[0]
+    scores = h @ served.bundle.item_embeddings.T
+    scores[0, served.bundle.seen(user)] = -np.inf
     return scores[0]
 
 
@@ -79,6 +82,20 @@ def test_schema_messages(body: dict, needle: str) -> None:
     assert needle in validation_message(info.value)
 
 
+def test_the_schema_takes_ops_units_and_edit_rules_from_recsae_core() -> None:
+    """One list of ops and units, one set of op rules: the HTTP schema's answers are recsae_core's op_problem."""
+    assert EditIn.model_fields["op"].annotation.__args__ == OPS
+    assert EditIn.model_fields["unit"].annotation.__args__ == UNITS
+    bounds = CONFIG.edit_bounds()
+    cases = (("ablate", 2.0, "raw"), ("scale", 2.0, "std"), ("scale", 20.0, "raw"), ("pin", 11.0, "std"))
+    for op, value, unit in cases:
+        problem = op_problem(op, value, unit, bounds)
+        with pytest.raises(ValidationError) as info:
+            parse({"user_id": "1", "steering": {"edits": [{"latent": 1, "op": op, "value": value, "unit": unit}]}})
+        assert problem is not None and validation_message(info.value) == f"steering.edits[0]: {problem}"
+    assert op_problem("nudge", 2.0, "max", bounds) is None
+
+
 def test_non_finite_values_are_refused_from_json() -> None:
     body = b'{"user_id": "1", "steering": {"edits": [{"latent": 1, "op": "nudge", "value": NaN}]}}'
     with pytest.raises(ValidationError) as info:
@@ -88,27 +105,28 @@ def test_non_finite_values_are_refused_from_json() -> None:
         RecommendRequest.model_validate_json(b'{"user_id": "1", "k": 1e400}', context={"config": CONFIG})
 
 
-def test_passthrough_is_the_original_model(engine: Engine) -> None:
+def test_passthrough_is_the_original_model(served: Served) -> None:
     users = [0, 5, 100]
-    rows = [engine.parse(parse({"user_id": engine.bundle.user_ids[u], "k": 20})) for u in users]
-    results, timings = engine.recommend(rows)
+    rows = [served.requests.parse(parse({"user_id": served.bundle.user_ids[u], "k": 20})) for u in users]
+    results, timings = served.engine.recommend(rows)
     assert set(timings) == {"represent", "sae", "rank", "total"}
     for user, result in zip(users, results, strict=True):
-        reference = reference_scores(engine, user)
+        reference = reference_scores(served, user)
         order = np.argsort(-reference, kind="stable")[:20]
         np.testing.assert_array_equal(result.items, order)
         np.testing.assert_allclose(result.scores, reference[order], atol=1e-5)
-        assert result.fvu is not None and 0 < len(result.latents) <= engine.sae.cfg.k
+        assert result.fvu is not None and 0 < len(result.latents) <= served.engine.sae.k
 
 
-def test_monitoring_path_matches_the_torch_sae(engine: Engine) -> None:
+def test_monitoring_path_matches_the_torch_sae(served: Served, torch_sae: TopKSAE) -> None:
     """The numpy monitoring path reports the same active latents, values and FVU as the SAE itself."""
+    engine = served.engine
     rows = [Row(user=u) for u in range(12)]
     results, _ = engine.recommend(rows, sae=True)
     h = torch.from_numpy(engine.represent(rows))
     with torch.no_grad():
-        z = engine.sae.encode(h)
-        err = (engine.sae.decode(z) - h).pow(2).sum(1) / engine.h_var
+        z = torch_sae.encode(h)
+        err = (torch_sae.decode(z) - h).pow(2).sum(1) / engine.h_var
     for i, result in enumerate(results):
         active = torch.nonzero(z[i]).squeeze(1)
         expected = active[torch.argsort(-z[i, active], stable=True)].numpy()
@@ -117,14 +135,27 @@ def test_monitoring_path_matches_the_torch_sae(engine: Engine) -> None:
         assert result.fvu == pytest.approx(float(err[i]), rel=1e-4, abs=1e-6)
 
 
-def test_engine_steering_matches_the_library_intervener(engine: Engine) -> None:
-    """The engine's numpy steering path and recsae_core's torch Intervener give the same h' for every op and unit."""
-    from recsae_core.sae.edits import Edit, Intervener
+def test_runtime_encode_equals_the_torch_sae_on_real_h(served: Served, torch_sae: TopKSAE) -> None:
+    """On the bundle's real representations (ML-100K users through the exported SASRec), the runtime's sparse codes
+    are the torch SAE's dense codes: the same latents, as strongly, listed strongest first."""
+    h = served.engine.represent([Row(user=u) for u in range(0, len(served.bundle.user_ids), 7)])
+    codes = served.engine.sae.encode(h)
+    with torch.no_grad():
+        dense = torch_sae.encode(torch.from_numpy(h)).numpy()
+    np.testing.assert_allclose(codes.dense(torch_sae.cfg.n_latents), dense, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(codes.dense(torch_sae.cfg.n_latents) > 0, dense > 0)
+    assert np.all(np.diff(codes.values, axis=1) <= 0)
 
+
+def test_engine_steering_matches_the_algebra_on_the_torch_sae(served: Served, torch_sae: TopKSAE) -> None:
+    """The runtime's steering, as the engine runs it (on the codes it monitored), against an independent
+    computation for every op and unit: z from the torch SAE, z' by hand from the op's definition and the unit's
+    statistic, h' = h + (z' - z) W_dec in torch."""
+    engine, stats = served.engine, served.engine.sae.stats
     rows = [Row(user=u) for u in range(6)]
     plain, _ = engine.recommend(rows)
     active = [int(r.latents[0]) for r in plain]
-    silent = int(np.argsort(engine.stats.frequency.numpy())[-1])  # a live latent, usually inactive for a given user
+    silent = int(np.argsort(stats.frequency.numpy())[-1])  # a live latent, usually inactive for a given user
     edits = [
         [Edit(active[0], "ablate", 0.0, "raw")],
         [Edit(active[1], "scale", 0.5, "raw"), Edit(silent, "nudge", 1.0, "std")] if active[1] != silent else [],
@@ -136,16 +167,34 @@ def test_engine_steering_matches_the_library_intervener(engine: Engine) -> None:
     for row, row_edits in zip(rows, edits, strict=True):
         row.edits = row_edits
     h = engine.represent(rows)
-    h_engine, z, z_new = engine._steer(h, rows, engine._observe(h))
-    np.testing.assert_allclose(z, engine.sae.encode(torch.from_numpy(h)).detach().numpy(), atol=1e-5)
+    h_engine, z, z_new = engine.sae.steer(h, edits, engine.sae.monitor(h, engine.h_var).codes)
     with torch.no_grad():
-        reference = Intervener(engine.sae, engine.stats, engine.bounds).apply(torch.from_numpy(h), edits)
-    np.testing.assert_allclose(h_engine, reference.h_new.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(z_new, reference.z_new.numpy(), rtol=1e-5, atol=1e-5)
+        z_ref = torch_sae.encode(torch.from_numpy(h))
+        z_new_ref = z_ref.clone()
+        for row, row_edits in enumerate(edits):
+            for e in row_edits:
+                unit = {"raw": 1.0, "std": float(stats.std_activation[e.latent]),
+                        "max": float(stats.max_activation[e.latent])}[e.unit]  # fmt: skip
+                now, v = z_ref[row, e.latent], e.value * unit
+                z_new_ref[row, e.latent] = {"ablate": 0.0, "pin": v, "nudge": now + v, "scale": now * v}[e.op]
+        h_ref = torch.from_numpy(h) + (z_new_ref - z_ref) @ torch_sae.W_dec
+    assert {e.op for row_edits in edits for e in row_edits} == set(OPS)
+    assert {e.unit for row_edits in edits for e in row_edits} == set(UNITS)
+    np.testing.assert_allclose(z, z_ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(h_engine, h_ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(z_new, z_new_ref.numpy(), rtol=1e-5, atol=1e-5)
     assert np.array_equal(h_engine[4], h[4])  # a row without edits is untouched, bit for bit
+    # The engine serves exactly these h': its steered scores are h' E^T.
+    for row in rows:
+        row.k, row.exclude_seen = 5, False
+    results, _ = engine.recommend(rows)
+    served_scores = engine.scores(h_engine)
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result.scores, served_scores[i, result.items])
 
 
-def test_steering_only_touches_edited_rows_and_matches_the_formula(engine: Engine) -> None:
+def test_steering_only_touches_edited_rows_and_matches_the_formula(served: Served) -> None:
+    engine = served.engine
     plain, = engine.recommend([Row(user=3, k=30, exclude_seen=False)])[0]  # fmt: skip
     latent = int(plain.latents[0])
     z = float(plain.activations[0])
@@ -157,7 +206,7 @@ def test_steering_only_touches_edited_rows_and_matches_the_formula(engine: Engin
     np.testing.assert_array_equal(unsteered.items, plain.items)  # the unedited row in a mixed batch is untouched
     np.testing.assert_allclose(unsteered.scores, plain.scores, atol=1e-5)  # (batch size can change float rounding)
     # Ablating an active latent removes z_j W_dec[j] from h: every score moves by -z_j <W_dec[j], e_i>.
-    direction = engine.sae.W_dec[latent].detach().numpy() @ engine.emb_t
+    direction = engine.sae.w_dec[latent] @ engine.emb_t
     common = np.intersect1d(ablated.items, plain.items)
     delta = {i: s for i, s in zip(ablated.items, ablated.scores, strict=True)}
     before = {i: s for i, s in zip(plain.items, plain.scores, strict=True)}
@@ -166,70 +215,72 @@ def test_steering_only_touches_edited_rows_and_matches_the_formula(engine: Engin
     assert ablated.original_ranks is not None and len(ablated.original_ranks) == len(ablated.items)
 
 
-def test_history_requests_and_masking(engine: Engine) -> None:
-    history = [engine.item_ids[i] for i in (10, 20, 30)]
-    row = engine.parse(parse({"history": history, "k": 50}))
-    result = engine.recommend([row])[0][0]
+def test_history_requests_and_masking(served: Served) -> None:
+    history = [served.responses.item_ids[i] for i in (10, 20, 30)]
+    row = served.requests.parse(parse({"history": history, "k": 50}))
+    result = served.engine.recommend([row])[0][0]
     assert not set(result.items) & {10, 20, 30}
     row.exclude_seen = False
-    assert len(engine.recommend([row])[0][0].items) == 50
+    assert len(served.engine.recommend([row])[0][0].items) == 50
     with pytest.raises(RequestError) as info:
-        engine.parse(parse({"history": ["no-such-item"]}))
+        served.requests.parse(parse({"history": ["no-such-item"]}))
     assert (info.value.status, info.value.message) == (404, "unknown item id 'no-such-item' in history")
     with pytest.raises(RequestError) as info:
-        engine.parse(parse({"user_id": "no-such-user"}))
+        served.requests.parse(parse({"user_id": "no-such-user"}))
     assert info.value.status == 404 and "'no-such-user'" in info.value.message
 
 
-def test_custom_input_models_refuse_histories(engine: Engine) -> None:
+def test_custom_input_models_refuse_histories(served: Served) -> None:
     # A bundle wrapping someone else's ONNX model ('custom' inputs) cannot fold in a history: a copy of the real
-    # engine with the input kind swapped stands in for such a bundle (building one needs a foreign model).
-    custom = copy.copy(engine)
-    custom.bundle = dataclasses.replace(engine.bundle, inputs=InputSpec("custom", ["features"]))
+    # request parser with the input kind swapped stands in for such a bundle (building one needs a foreign model).
+    custom = copy.copy(served.requests)
+    custom.bundle = dataclasses.replace(served.bundle, inputs=InputSpec("custom", ["features"]))
     with pytest.raises(RequestError) as info:
-        custom.parse(parse({"history": [engine.item_ids[0]]}))
+        custom.parse(parse({"history": [served.responses.item_ids[0]]}))
     assert info.value.status == 422 and "only known user_ids" in info.value.message
 
 
-def test_concepts_policies_and_conflicts(engine: Engine) -> None:
-    concept = engine.catalog.concepts[0]["name"]
-    latent = engine.catalog.concepts[0]["latent"]
+def test_concepts_policies_and_conflicts(served: Served) -> None:
+    catalog, requests = served.catalog, served.requests
+    concept = catalog.concepts[0]["name"]
+    latent = catalog.concepts[0]["latent"]
     body = {
         "user_id": "1",
         "steering": {"edits": [{"concept": concept, "op": "ablate"}, {"latent": latent, "op": "pin"}]},
     }
     with pytest.raises(RequestError, match="conflicts with edit 0"):
-        engine.parse(parse(body))
-    tail = engine.catalog.policies["tail-boost"].edits[0].latent
+        requests.parse(parse(body))
+    tail = catalog.policies["tail-boost"].edits[0].latent
     body = {"user_id": "1", "steering": {"policy": "tail-boost", "edits": [{"latent": tail, "op": "ablate"}]}}
     with pytest.raises(RequestError, match="conflicts with policy 'tail-boost'"):
-        engine.parse(parse(body))
+        requests.parse(parse(body))
     with pytest.raises(RequestError, match="did you mean 'tail-boost'"):
-        engine.parse(parse({"user_id": "1", "steering": {"policy": "tail-bost"}}))
+        requests.parse(parse({"user_id": "1", "steering": {"policy": "tail-bost"}}))
     with pytest.raises(RequestError, match="policy 'broken' cannot be used"):
-        engine.parse(parse({"user_id": "1", "steering": {"policy": "broken"}}))
+        requests.parse(parse({"user_id": "1", "steering": {"policy": "broken"}}))
     with pytest.raises(RequestError, match=f"did you mean '{concept}'"):
-        engine.parse(parse({"user_id": "1", "steering": {"edits": [{"concept": concept + "x", "op": "ablate"}]}}))
+        requests.parse(parse({"user_id": "1", "steering": {"edits": [{"concept": concept + "x", "op": "ablate"}]}}))
     with pytest.raises(RequestError, match="sae=false"):
-        engine.parse(parse({"user_id": "1", "explain": True}), sae=False)
-    huge = float(engine.stats.std_activation[latent]) * 50
+        requests.parse(parse({"user_id": "1", "explain": True}), sae=False)
+    huge = float(served.engine.sae.stats.std_activation[latent]) * 50
     with pytest.raises(RequestError, match="beyond the bound"):
-        engine.parse(parse({"user_id": "1", "steering": {"edits": [{"latent": latent, "op": "pin", "value": huge}]}}))
-    detail = engine.concept_detail(concept.upper())
+        requests.parse(parse({"user_id": "1", "steering": {"edits": [{"latent": latent, "op": "pin", "value": huge}]}}))
+    detail = served.responses.concept_detail(concept.upper())
     assert detail["latent"] == latent and len(detail["raises"]) == 10
 
 
-def test_explanation_levels(engine: Engine) -> None:
-    row = engine.parse(parse({"user_id": "1", "explain": True, "steering": {"policy": "tail-boost"}}))
-    result = engine.recommend([row])[0][0]
-    explanation = engine.response(row, result, explain_top=5)["explanation"]
+def test_explanation_levels(served: Served) -> None:
+    row = served.requests.parse(parse({"user_id": "1", "explain": True, "steering": {"policy": "tail-boost"}}))
+    result = served.engine.recommend([row])[0][0]
+    explanation = served.responses.recommend(row, result, explain_top=5)["explanation"]
+    stats = served.engine.sae.stats
     values = [entry["activation"] for entry in explanation["latents"]]
     assert values == sorted(values, reverse=True) and len(values) <= 5
     assert all(1 <= entry["level"] <= 10 for entry in explanation["latents"])
-    expected = 1 + torch.bucketize(torch.tensor(values), engine.stats.global_deciles, right=True)
+    expected = 1 + torch.bucketize(torch.tensor(values), stats.global_deciles, right=True)
     assert [e["level"] for e in explanation["latents"]] == expected.tolist()
     (edit,) = explanation["edits"]
-    assert edit["after"] == pytest.approx(edit["before"] - 2 * float(engine.stats.std_activation[edit["latent"]]))
+    assert edit["after"] == pytest.approx(edit["before"] - 2 * float(stats.std_activation[edit["latent"]]))
 
 
 def test_concept_labels_are_capped() -> None:

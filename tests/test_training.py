@@ -9,9 +9,9 @@ import pytest
 from recsae_core.common.errors import ConfigError, DataError
 from recsae_core.common.layout import RunLayout
 from recsae_core.pipeline.cli import main
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.evaluate import evaluate
 from recsae_core.recommenders.run import load_run, train_step
-from recsae_core.recommenders.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,6 @@ from recsae_core.concepts.samples import (
     LatentSamples,
     SampleOptions,
     activation_histogram,
-    activation_levels,
     column_top_units,
     encode_sparse,
     latent_values,
@@ -45,6 +44,7 @@ from recsae_core.concepts.scoring import Labelled, coherence_summary, label_metr
 from recsae_core.probe.collect import load_activations
 from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.runtime import SAERuntime, activation_levels
 from recsae_core.sae.stats import load_stats
 from recsae_core.sae.train import random_sae
 
@@ -152,12 +152,12 @@ def prepare(run_dir: Path, o: CatalogOptions) -> Prepared:
     h, users, positions = load_activations(layout.probe)
     sae = TopKSAE.load(layout.sae)
     stats = load_stats(layout.sae / STATS_FILE, sae.cfg.n_latents)
-    codes = encode_sparse(sae, h, progress=o.progress)
+    codes = encode_sparse(SAERuntime.from_model(sae), h, progress=o.progress)
     live = np.flatnonzero(np.diff(codes.indptr) > 0)
     chosen, background = select_samples(codes, users, o.samples, live)
     # Coherence units: SAE latents, raw neurons, and the random-init SAE (top samples, one per user).
     hn = h.numpy()
-    random_codes = encode_sparse(random_sae(sae.cfg, h, o.samples.seed).eval(), h, progress=o.progress)
+    random_codes = encode_sparse(SAERuntime.from_model(random_sae(sae.cfg, h, o.samples.seed)), h, progress=o.progress)
     units = {
         "sae": [column_top_units(codes, users, j, o.coherence_top) for j in live],
         "neurons": [top_units(hn[:, d], users, o.coherence_top) for d in range(hn.shape[1])],

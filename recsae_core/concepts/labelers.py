@@ -31,7 +31,6 @@ ML1M_OCCUPATIONS = (
     "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
     "unemployed", "writer",
 )  # fmt: skip
-GROUP_PREFIX = {"history": "", "next": "next ", "user": ""}
 
 
 def age_band(age: str) -> str:

@@ -185,7 +185,7 @@ class LLMClient:
         except httpx.HTTPError as err:
             raise LLMError(
                 f"cannot reach the language model at {url} ({type(err).__name__}: {err}); start an OpenAI-compatible "
-                f"server (e.g. python -m scripts.llm_server --model FILE.gguf) or fix --llm-url / {ENV_URL}"
+                f"server (e.g. python scripts/llm_server.py --model FILE.gguf) or fix --llm-url / {ENV_URL}"
             ) from None
         if response.status_code in (401, 403):
             raise LLMError(f"{url}/models: the endpoint refused the API key (HTTP {response.status_code}); "

@@ -23,33 +23,24 @@ from tqdm.auto import tqdm
 from recsae_core.data.datasets import Dataset
 from recsae_core.data.splits import Ragged
 from recsae_core.recommenders.base import Recommender
-from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.runtime import SAERuntime
 
 
-def activation_levels(values: np.ndarray, global_deciles: np.ndarray) -> np.ndarray:
-    """RecSAE levels: 0 where inactive, else 1..10 by the global deciles of all positive activations
-    (the same binning as `LatentStats.levels`)."""
-    values = np.asarray(values)
-    levels = 1 + np.searchsorted(np.asarray(global_deciles, dtype=np.float64), values, side="right")
-    return np.where(values > 0, levels, 0).astype(np.int64)
-
-
-@torch.no_grad()
-def encode_sparse(sae: TopKSAE, h: torch.Tensor, batch_size: int = 4096, progress: bool = False) -> sp.csc_matrix:
+def encode_sparse(
+    sae: SAERuntime, h: np.ndarray | torch.Tensor, batch_size: int = 4096, progress: bool = False
+) -> sp.csc_matrix:
     """The SAE codes of every sample as a sparse (N, n_latents) float32 matrix in column (per-latent) form, with
-    sorted indices. Same non-zeros as `sae.encode` (ReLU commutes with TopK), without dense (N, n_latents) codes."""
-    k, n_latents = sae.cfg.k, sae.cfg.n_latents
+    sorted indices: SAERuntime.encode's non-zeros, a batch at a time, without dense (N, n_latents) codes."""
     rows, cols, vals = [], [], []
-    w_enc, b_enc, b_dec = sae.W_enc.detach().float(), sae.b_enc.detach().float(), sae.b_dec.detach().float()
     starts = range(0, len(h), batch_size)
     for start in tqdm(starts, desc="encode", unit="batch", disable=not progress, mininterval=1.0):
-        x = h[start : start + batch_size].to(w_enc.device, torch.float32)
-        values, indices = torch.addmm(b_enc, x - b_dec, w_enc).topk(k, dim=-1)
-        keep = (values > 0).cpu().numpy()
+        x = h[start : start + batch_size]
+        codes = sae.encode(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+        keep = codes.values > 0
         rows.append(np.nonzero(keep)[0] + start)
-        cols.append(indices.cpu().numpy()[keep])
-        vals.append(values.cpu().numpy()[keep])
-    shape = (len(h), n_latents)
+        cols.append(codes.indices[keep])
+        vals.append(codes.values[keep])
+    shape = (len(h), sae.n_latents)
     if not rows:
         return sp.csc_matrix(shape, dtype=np.float32)
     coo = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=shape)

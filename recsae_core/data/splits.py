@@ -10,7 +10,6 @@ import numpy as np
 from recsae_core.common.errors import ConfigError
 from recsae_core.data.datasets import Dataset
 
-Protocol = Literal["recbole", "loo"]
 PROTOCOLS: tuple[str, ...] = ("recbole", "loo")
 Stage = Literal["valid", "test"]
 

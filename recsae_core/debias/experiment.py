@@ -37,8 +37,8 @@ from recsae_core.debias.screen import (
 )
 from recsae_core.recommenders.evaluate import make_batch
 from recsae_core.recommenders.run import RunContext, load_run
-from recsae_core.sae.edits import Intervener
 from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.runtime import SAERuntime
 from recsae_core.sae.stats import load_stats
 
 # Every method's grid is dense where the ~2% NDCG budget is crossed (each method is compared at its best point inside
@@ -124,7 +124,8 @@ def run_debias(
     ctx.model.eval()
     layout = RunLayout(run_dir)
     sae = TopKSAE.load(layout.sae).eval()
-    intervener = Intervener(sae, load_stats(layout.sae / STATS_FILE, sae.cfg.n_latents))
+    stats = load_stats(layout.sae / STATS_FILE, sae.cfg.n_latents)
+    runtime = SAERuntime.from_model(sae, stats)
     popularity = ctx.split.item_popularity().astype(np.float64)
     head = head_mask(popularity)
     gender = target == "gender"
@@ -132,7 +133,7 @@ def run_debias(
     test = Evaluator(ctx, stage_data(ctx, "test", gender), popularity, head)
     original = {"dev": dev.steer(None), "test": test.steer(None)}
     log(f"original test metrics: {original['test']}")
-    assoc, candidates = find_latents(dev, intervener, target, original["dev"], fdr, max_candidates, progress=progress)
+    assoc, candidates = find_latents(dev, runtime, target, original["dev"], fdr, max_candidates, progress=progress)
     log(f"{int(assoc.significant.sum())} latents pass BH at FDR {fdr}; {len(candidates)} reduce the bias on dev")
 
     jobs: list[tuple[str, float, dict, Callable[[Evaluator], np.ndarray]]] = []
@@ -143,16 +144,16 @@ def run_debias(
             family = families[weighting]
             for n in sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, len(family)) if 0 < n <= len(family)}):
                 edits = policy_edits(family, n, 1.0)
-                jobs.append((POLICY, float(n), {"n_latents": n, "weighting": weighting}, _steered(intervener, edits)))
+                jobs.append((POLICY, float(n), {"n_latents": n, "weighting": weighting}, _steered(runtime, edits)))
     else:
         sizes = sorted({n for n in (1, 2, 4, 8, 16, len(candidates)) if 0 < n <= len(candidates)})
         for n in sizes:
-            families[f"fit{n}"] = fit_weights(candidates[:n], intervener, ctx.model.item_embeddings(), popularity)
+            families[f"fit{n}"] = fit_weights(candidates[:n], runtime, ctx.model.item_embeddings(), popularity)
             for weighting, family in (("screened", candidates), ("fit", families[f"fit{n}"])):
                 for s in strengths:
                     edits = policy_edits(family, n, s)
                     extra = {"n_latents": n, "weighting": weighting}
-                    jobs.append((POLICY, s, extra, _steered(intervener, edits)))
+                    jobs.append((POLICY, s, extra, _steered(runtime, edits)))
         spread = float(np.nanmean(np.nanstd(torch.nan_to_num(dev.data.scores, neginf=float("nan")).numpy(), axis=1)))
         for lam in PENALTIES:
             jobs.append(("popularity-penalty", round(lam * spread, 6), {}, _penalty(lam * spread, popularity)))
@@ -161,7 +162,7 @@ def run_debias(
         d = popsteer_d(ctx, sae, head, dev)
         for alpha in POPSTEER:
             jobs.append(("popsteer", alpha, {"n_latents": 32}, _steered_transform(popsteer_transform(
-                sae, intervener.stats, d, alpha))))  # fmt: skip
+                sae, stats, d, alpha))))  # fmt: skip
     points = []
     for method, strength, extra, lists in tqdm(jobs, desc=f"sweep ({target})", disable=not progress):
         dev_m, test_m = {"metrics": dev.metrics(lists(dev))}, {"metrics": test.metrics(lists(test))}
@@ -234,8 +235,8 @@ def run_debias(
     return result
 
 
-def _steered(intervener: Intervener, edits: list) -> Callable[[Evaluator], np.ndarray]:
-    return _steered_transform(policy_transform(intervener, edits))
+def _steered(sae: SAERuntime, edits: list) -> Callable[[Evaluator], np.ndarray]:
+    return _steered_transform(policy_transform(sae, edits))
 
 
 def _steered_transform(transform: Callable | None) -> Callable[[Evaluator], np.ndarray]:

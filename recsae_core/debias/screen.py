@@ -2,7 +2,8 @@
 strength against re-ranking baselines, and save the policy the service applies by name.
 
 Everything is selected on the validation stage (latent association, causal screen, operating point); the test
-stage is only measured. Policies are applied exactly as the service applies them (Intervener, error-preserving).
+stage is only measured. Policies are applied exactly as the service applies them (the SAE runtime's error-preserving
+steer, after the same validation).
 
 Policy families and what "strength" means:
 - popularity: nudges in std units on the n best-screened latents, either each latent's own screened direction
@@ -36,7 +37,8 @@ from recsae_core.debias.bias_metrics import leakage_auc, ndcg_at_k, ndcg_gap, po
 from recsae_core.debias.rerank import cohens_d
 from recsae_core.recommenders.evaluate import make_batch, mask_seen
 from recsae_core.recommenders.run import RunContext
-from recsae_core.sae.edits import Edit, Intervener
+from recsae_core.sae.edits import Edit, EditBounds, validate_edits
+from recsae_core.sae.runtime import SAERuntime
 
 TARGETS = ("popularity", "gender")
 K = 10
@@ -173,12 +175,18 @@ class Evaluator:
         return self.metrics(self.scores(transform).topk(K, dim=1).indices.numpy())
 
 
-def policy_transform(intervener: Intervener, edits: Sequence[Edit]) -> Callable[[Tensor], Tensor] | None:
-    """h -> h' as served: the same edits on every row, error-preserving."""
+def policy_transform(sae: SAERuntime, edits: Sequence[Edit]) -> Callable[[Tensor], Tensor] | None:
+    """h -> h' as served: the same edits on every row, validated as the service validates a policy, then steered
+    by the service's runtime (error-preserving)."""
     edits = list(edits)
     if not edits:
         return None
-    return lambda h: intervener.steer_all(h, edits).h_new
+    edits = validate_edits(edits, sae.n_latents, EditBounds(), sae.stats)
+
+    def steer(h: Tensor) -> Tensor:
+        return torch.from_numpy(sae.steer(h.detach().cpu().numpy(), [edits] * len(h)).h)
+
+    return steer
 
 
 def objective(metrics: dict[str, float], target: str) -> float:
@@ -213,16 +221,15 @@ def screen_edits(latent: int, d: float, target: str, mean_std: float) -> list[Ed
 
 
 def find_latents(
-    ev: Evaluator, intervener: Intervener, target: str, original: dict[str, float], q: float = 0.05,
+    ev: Evaluator, sae: SAERuntime, target: str, original: dict[str, float], q: float = 0.05,
     max_candidates: int = 24, loss_floor: float = 0.005, progress: bool = True,
 ) -> tuple[LatentAssociation, list[Candidate]]:  # fmt: skip
     """BH-controlled association on dev, then the causal screen of the strongest discoveries, ranked by bias
     reduction per unit of relative NDCG@10 lost (only latents that reduce the bias are kept)."""
-    with torch.no_grad():
-        z = intervener.sae.encode(ev.data.h.float()).numpy()
+    z = sae.encode(ev.data.h.numpy()).dense(sae.n_latents)
     group_a, group_b = contrast_groups(ev, target)
     assoc = associate(z, group_a, group_b, q)
-    std = intervener.stats.std_activation.numpy()
+    std = sae.stats.std_activation.numpy()
     found = np.flatnonzero(assoc.significant & (std > 0))
     found = found[np.argsort(-np.abs(assoc.d[found]))][:max_candidates]
     base = objective(original, target)
@@ -231,7 +238,7 @@ def find_latents(
         mean_std = float(z[:, latent].mean() / std[latent])
         best: Candidate | None = None
         for edit in screen_edits(int(latent), float(assoc.d[latent]), target, mean_std):
-            metrics = ev.steer(policy_transform(intervener, [edit]))
+            metrics = ev.steer(policy_transform(sae, [edit]))
             drop = base - objective(metrics, target)
             drop = drop / base if target == "popularity" and base > 0 else drop
             loss = rel_loss(metrics, original)
@@ -246,7 +253,7 @@ def find_latents(
 
 
 def fit_weights(
-    candidates: Sequence[Candidate], intervener: Intervener, item_embeddings: Tensor, popularity: np.ndarray
+    candidates: Sequence[Candidate], sae: SAERuntime, item_embeddings: Tensor, popularity: np.ndarray
 ) -> list[Candidate]:
     """Nudge values for the candidates by least squares: the per-item score shift of a 1-std nudge of each latent
     (W_dec[j] . e_i * std_j) regressed onto -zscore(log(1 + pop)), so that together they act like a popularity
@@ -255,8 +262,8 @@ def fit_weights(
         return []
     latents = torch.as_tensor([c.latent for c in candidates])
     with torch.no_grad():
-        std = intervener.stats.std_activation.float()[latents]
-        shift = (intervener.sae.W_dec[latents].float() @ item_embeddings.float().T) * std[:, None]
+        std = sae.stats.std_activation.float()[latents]
+        shift = (torch.from_numpy(sae.w_dec)[latents] @ item_embeddings.float().T) * std[:, None]
     log_pop = np.log1p(popularity)
     goal = -(log_pop - log_pop.mean()) / max(log_pop.std(), 1e-12)
     weights = np.linalg.lstsq(shift.numpy().T.astype(np.float64), goal, rcond=None)[0]

@@ -9,7 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from recsae_core.common.cli_config import ConfigOptions, Typed, typed
 from recsae_core.common.errors import ConfigError, RecsaeError
+from recsae_core.common.ranges import non_negative_int, positive_float, positive_int
+from recsae_core.recommenders.config import TrainConfig
+from recsae_core.sae.config import SAETrainConfig
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -22,57 +26,28 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callab
     return register
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+TRAIN_OPTIONS = ConfigOptions(TrainConfig, {
+    "epochs": "--epochs", "patience": "--patience", "batch_size": "--batch-size", "lr": "--lr", "device": "--device",
+    "seed": "--seed", "progress": "--quiet",
+})  # fmt: skip
+"""The recommender's training options (train-recommender, pipeline)."""
+SAE_OPTIONS = ConfigOptions(SAETrainConfig, {
+    "n_latents": "--latents", "k": "--k", "lr": "--sae-lr", "epochs": "--sae-epochs",
+    "max_minutes": "--sae-max-minutes", "dead_after": "--dead-after", "device": "--device", "progress": "--quiet",
+})  # fmt: skip
+"""The SAE options (train-sae, bundle --import-onnx); the pipeline shares --device and --quiet with training, and
+sae-sweep takes k and the width from --ks and --widths."""
+PIPELINE_SAE_OPTIONS = SAE_OPTIONS.without("device", "progress")
+SWEEP_SAE_OPTIONS = SAE_OPTIONS.without("n_latents", "k")
+IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work")
+"""bundle options that only apply with --import-onnx."""
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
     p.add_argument("--model", required=True, choices=["bprmf", "lightgcn", "sasrec"])
     p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
-    p.add_argument("--epochs", type=positive_int, default=300, help="upper bound; early stopping usually ends sooner")
-    p.add_argument("--patience", type=positive_int, default=10, help="epochs without validation NDCG@10 gain")
-    p.add_argument("--batch-size", type=positive_int, default=None)
-    p.add_argument("--lr", type=positive_float, default=None)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--seed", type=non_negative_int, default=2020)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    TRAIN_OPTIONS.add_to(p)
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -85,7 +60,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     info = data_sub.add_parser("info", help="print dataset statistics after filtering as JSON")
     info.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
     info.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
-    info.add_argument("--seed", type=non_negative_int, default=2020)
+    ConfigOptions(TrainConfig, {"seed": "--seed"}).add_to(info)  # the split a training run with this seed uses
 
     train = sub.add_parser("train-recommender", help="train BPR-MF, LightGCN or SASRec and evaluate it")
     add_train_options(train)
@@ -93,18 +68,25 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 
     sae = sub.add_parser("train-sae", help="probe the run's recommender and train a TopK SAE on its activations")
     sae.add_argument("--run", required=True, type=Path, help="run folder with a trained recommender")
-    add_sae_options(sae)
+    SAE_OPTIONS.add_to(sae)
 
     bundle = sub.add_parser("bundle", help="write the verified bundle the service loads")
     bundle.add_argument("--run", type=Path, help="run folder (recommender + SAE) to bundle")
     bundle.add_argument("--out", type=Path, help="bundle folder (default RUN_DIR/bundle)")
     bundle.add_argument("--import-onnx", type=Path, metavar="MODEL.onnx", help="wrap a recommender we did not train")
-    bundle.add_argument("--item-embeddings", type=Path, help="safetensors with item_embeddings (n_items, d)")
-    bundle.add_argument("--items", type=Path, help="CSV with item_id[,title,genres,popularity]")
-    bundle.add_argument("--user-inputs", type=Path, help="safetensors: the model's inputs, one row per user")
-    bundle.add_argument("--name", default="imported", help="dataset name recorded in the manifest")
-    bundle.add_argument("--work", type=Path, help="folder for the import's probe and SAE (default OUT.work)")
-    add_sae_options(bundle)
+    # The options below apply to --import-onnx only; Typed records them so that --run can refuse them.
+    bundle.add_argument(
+        "--item-embeddings", type=Path, action=Typed, help="safetensors with item_embeddings (n_items, d)"
+    )
+    bundle.add_argument("--items", type=Path, action=Typed, help="CSV with item_id[,title,genres,popularity]")
+    bundle.add_argument(
+        "--user-inputs", type=Path, action=Typed, help="safetensors: the model's inputs, one row per user"
+    )
+    bundle.add_argument("--name", default="imported", action=Typed, help="dataset name recorded in the manifest")
+    bundle.add_argument(
+        "--work", type=Path, action=Typed, help="folder for the import's probe and SAE (default OUT.work)"
+    )
+    SAE_OPTIONS.add_to(bundle)
 
     interpret = sub.add_parser("interpret", help="name, describe and score every live SAE latent (concept catalog)")
     interpret.add_argument("--run", required=True, type=Path, help="run folder with probe/ and sae/")
@@ -120,11 +102,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     interpret.add_argument("--llm-model", help="model name (default $RECSAE_LLM_MODEL, else the server's first model)")
     interpret.add_argument("--llm-api-key", help="bearer token (default $RECSAE_LLM_API_KEY)")
     interpret.add_argument(
-        "--llm-concurrency", type=positive_int, default=4, help="requests in flight (1 suits a local llama.cpp server)"
-    )
+        "--llm-concurrency", type=positive_int, default=4, action=Typed,
+        help="requests in flight (1 suits a local llama.cpp server)",
+    )  # fmt: skip
     interpret.add_argument(
         "--llm-latents",
         type=non_negative_int,
+        action=Typed,
         default=0,
         help="label only this many latents with the language model (0 = all live latents)",
     )
@@ -140,13 +124,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     add_train_options(pipe)
     pipe.add_argument("--out", required=True, type=Path, help="run folder")
     pipe.add_argument("--force", action="store_true", help="redo every step")
-    add_sae_options(pipe, with_device=False)
+    PIPELINE_SAE_OPTIONS.add_to(pipe)
     sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
     sweep.add_argument("--run", required=True, type=Path)
     sweep.add_argument("--ks", default="4,8,16,32", help="comma-separated k values")
     sweep.add_argument("--widths", default="1024", help="comma-separated latent counts")
     sweep.add_argument("--out", required=True, type=Path, help="JSON file; an .html page is written beside it")
-    add_sae_options(sweep)
+    SWEEP_SAE_OPTIONS.add_to(sweep)
 
     deb = sub.add_parser("debias", help="find bias latents, sweep a steering policy against baselines, save it")
     deb.add_argument("--run", required=True, type=Path, help="run folder with recommender + SAE")
@@ -170,35 +154,13 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def add_sae_options(p: argparse.ArgumentParser, with_device: bool = True) -> None:
-    p.add_argument("--latents", type=positive_int, default=1024, help="SAE width (RecSAE: 16 x d)")
-    p.add_argument("--k", type=positive_int, default=8, help="latents kept per sample")
-    p.add_argument("--sae-lr", type=positive_float, default=3e-3)
-    p.add_argument("--sae-epochs", type=positive_int, default=1000, help="upper bound; early stopping ends sooner")
-    p.add_argument(
-        "--sae-max-minutes", type=non_negative_float, default=5.0,
-        help="wall-time budget of SAE training; the best checkpoint so far is kept (0 = no limit)",
-    )  # fmt: skip
-    p.add_argument(
-        "--dead-after", type=positive_int, default=80_000,
-        help="training samples without firing after which AuxK treats a latent as dead (capped at one epoch)",
-    )  # fmt: skip
-    if with_device:
-        p.add_argument("--device", default="cpu", help="cpu or cuda")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def sae_options(args: argparse.Namespace):
-    from recsae_core.pipeline.steps import SAEOptions
+def sae_config(args: argparse.Namespace, options: ConfigOptions = SAE_OPTIONS, **fixed: Any) -> SAETrainConfig:
+    """The SAE run's config from the parsed options, its device checked before any work starts."""
     from recsae_core.recommenders.run import resolve_device
 
-    if args.k > args.latents:
-        raise ConfigError(f"--k {args.k} exceeds --latents {args.latents}")
-    return SAEOptions(
-        n_latents=args.latents, k=args.k, lr=args.sae_lr, epochs=args.sae_epochs, dead_after=args.dead_after,
-        max_minutes=args.sae_max_minutes or None,
-        device=resolve_device(args.device), progress=not args.quiet,
-    )  # fmt: skip
+    config = options.build(args, **fixed)
+    config.device = resolve_device(config.device)
+    return config
 
 
 @command("data")
@@ -231,18 +193,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 @command("train-recommender")
 def cmd_train(args: argparse.Namespace) -> int:
     from recsae_core.recommenders.run import train_step
-    from recsae_core.recommenders.train import TrainConfig
 
-    config = TrainConfig(
-        epochs=args.epochs,
-        patience=args.patience,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.quiet,
-    )
-    metrics = train_step(args.out, args.dataset, args.model, args.protocol, config)
+    metrics = train_step(args.out, args.dataset, args.model, args.protocol, TRAIN_OPTIONS.build(args))
     summary = {k: metrics[k] for k in ("dataset", "model", "protocol", "epochs_trained", "train_seconds")}
     summary["test"] = {k: v for k, v in metrics["test"].items() if k.endswith("@10")}
     print(json.dumps(summary))
@@ -253,9 +205,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from recsae_core.pipeline.steps import probe_step, sae_step
 
-    options = sae_options(args)
-    probe_step(args.run, options.progress)
-    metrics = sae_step(args.run, options)
+    config = sae_config(args)
+    probe_step(args.run, config.progress)
+    metrics = sae_step(args.run, config)
     keys = ("fvu", "dead_fraction", "seconds", "ndcg@10", "passthrough_identical_top10_fraction")
     print(json.dumps({k: metrics[k] for k in keys}))
     return 0
@@ -266,16 +218,22 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if args.import_onnx is not None:
         from recsae_core.pipeline.importer import import_onnx
 
+        if args.run is not None:
+            raise ConfigError("--run and --import-onnx exclude each other: bundle a run, or import a model")
         missing = [f for f in ("item_embeddings", "items", "user_inputs", "out") if getattr(args, f) is None]
         if missing:
             flags = ", ".join("--" + m.replace("_", "-") for m in missing)
             raise ConfigError(f"--import-onnx also needs {flags}")
         result = import_onnx(
-            args.import_onnx, args.item_embeddings, args.items, args.user_inputs, args.out, sae_options(args),
+            args.import_onnx, args.item_embeddings, args.items, args.user_inputs, args.out, sae_config(args),
             name=args.name, work=args.work,
         )  # fmt: skip
         print(json.dumps(result))
         return 0
+    given = [*("--" + f.replace("_", "-") for f in IMPORT_ONLY if f in typed(args)), *SAE_OPTIONS.typed(args)]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(f"{', '.join(given)} only {verb} with --import-onnx: bundle --run packs the run's own SAE")
     if args.run is None:
         raise ConfigError("bundle needs --run RUN_DIR (or --import-onnx MODEL.onnx ...)")
     from recsae_core.pipeline.steps import bundle_step
@@ -291,6 +249,7 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     from recsae_core.concepts.llm_client import LLMOptions
 
     given = [f for f in ("llm_url", "llm_model", "llm_api_key", "llm_cache_only") if getattr(args, f)]
+    given += [f for f in ("llm_concurrency", "llm_latents") if f in typed(args)]
     if args.labeler != "llm" and given:
         raise ConfigError(f"--{given[0].replace('_', '-')} only applies with --labeler llm")
     llm = LLMOptions(url=args.llm_url, model=args.llm_model, api_key=args.llm_api_key, concurrency=args.llm_concurrency,
@@ -311,15 +270,10 @@ def cmd_interpret(args: argparse.Namespace) -> int:
 @command("pipeline")
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from recsae_core.pipeline.steps import run_pipeline
-    from recsae_core.recommenders.train import TrainConfig
 
-    train_config = TrainConfig(
-        epochs=args.epochs, patience=args.patience, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, progress=not args.quiet,
-    )  # fmt: skip
-    summary = run_pipeline(
-        args.out, args.dataset, args.model, args.protocol, train_config, sae_options(args), force=args.force
-    )
+    train = TRAIN_OPTIONS.build(args)
+    sae = sae_config(args, PIPELINE_SAE_OPTIONS, device=train.device, progress=train.progress)
+    summary = run_pipeline(args.out, args.dataset, args.model, args.protocol, train, sae, force=args.force)
     print(json.dumps({"run": str(args.out), "steps": list(summary)}))
     return 0
 
@@ -329,8 +283,9 @@ def cmd_sae_sweep(args: argparse.Namespace) -> int:
     from recsae_core.sae.sweep import sweep_sae
 
     ks, widths = int_list(args.ks, "--ks"), int_list(args.widths, "--widths")
-    args.k, args.latents = min(ks), max(widths)
-    result = sweep_sae(args.run, ks, widths, sae_options(args), args.out)
+    if min(ks) > max(widths):
+        raise ConfigError(f"every k in --ks {args.ks} exceeds every width in --widths {args.widths}")
+    result = sweep_sae(args.run, ks, widths, sae_config(args, SWEEP_SAE_OPTIONS), args.out)
     for point in result["points"]:
         print(json.dumps(point))
     return 0

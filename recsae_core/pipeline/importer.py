@@ -10,11 +10,11 @@ import torch
 from recsae_core.bundle.export import contents_from_onnx
 from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.artifacts import atomic_folder, write_json
-from recsae_core.pipeline.steps import SAEOptions
+from recsae_core.common.layout import METRICS, STATS_FILE
 from recsae_core.probe.collect import collect_onnx, load_activations
-from recsae_core.sae.model import SAEConfig
+from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import latent_statistics, save_stats
-from recsae_core.sae.train import SAETrainConfig, evaluate_reconstruction, train_sae
+from recsae_core.sae.train import evaluate_reconstruction, train_sae, training_summary
 
 
 def import_onnx(
@@ -23,42 +23,38 @@ def import_onnx(
     items_csv: Path,
     user_inputs_path: Path,
     out: Path,
-    options: SAEOptions,
+    config: SAETrainConfig,
     name: str = "imported",
     work: Path | None = None,
 ) -> dict[str, Any]:
-    """Build a bundle around an outside model. Without ground-truth interactions the SAE is selected on held-out
-    reconstruction (FVU) instead of dev NDCG."""
+    """Build a bundle around an outside model, its SAE trained as `config` says. Without ground-truth interactions
+    the SAE is selected on held-out reconstruction (FVU) instead of dev NDCG; every other setting applies as in a
+    run (the tolerance then ties checkpoints on FVU itself, so the better reconstruction wins either way)."""
     work = work or out.with_name(out.name + ".work")
     # Validate every input file before spending minutes on the probe and the SAE.
     contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, work / "sae", name)
-    collect_onnx(onnx_path, user_inputs_path, work / "probe", progress=options.progress)
+    collect_onnx(onnx_path, user_inputs_path, work / "probe", progress=config.progress)
     activations, _, _ = load_activations(work / "probe")
-    generator = torch.Generator().manual_seed(options.seed)
+    generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(activations), generator=generator)
     n_valid = max(len(activations) // 10, 1)
     valid, train = activations[order[:n_valid]], activations[order[n_valid:]]
-    batch = options.batch_size or max(64, min(4096, len(train) // 32))
-    result = train_sae(
-        train,
-        SAEConfig(d_in=activations.shape[1], n_latents=options.n_latents, k=options.k),
-        SAETrainConfig(lr=options.lr, batch_size=batch, epochs=options.epochs, patience=options.patience,
-                       seed=options.seed, device=options.device, progress=options.progress),
-        valid=valid,
-    )  # fmt: skip
+    result = train_sae(train, config, valid=valid)
     sae = result.sae.cpu().eval()
     stats = latent_statistics(sae, activations)
     metrics = {
         **evaluate_reconstruction(sae, valid),
         "dead_fraction": stats.dead_fraction,
-        "seconds": round(result.seconds, 2),
         "n_samples": len(activations),
         "selected_on": "held-out FVU",
+        **training_summary(result),
+        "history": result.history,
     }
     with atomic_folder(work / "sae") as folder:
         sae.save(folder, hook_name="imported.h")
-        save_stats(stats, folder / "latent_stats.safetensors")
-        write_json(folder / "metrics.json", metrics)
+        save_stats(stats, folder / STATS_FILE)
+        write_json(folder / METRICS, metrics)
     manifest = write_bundle(contents, out)
     verify_bundle(out)
-    return {"bundle": str(out), "versions": manifest["versions"], "sae": metrics}
+    summary = {key: value for key, value in metrics.items() if key != "history"}  # the history stays on disk
+    return {"bundle": str(out), "versions": manifest["versions"], "sae": summary}

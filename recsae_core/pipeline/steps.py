@@ -15,9 +15,10 @@ from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import CONFIG, METRICS, STATS_FILE, RunLayout
 from recsae_core.concepts.catalog import concepts_step
 from recsae_core.probe.collect import collect, load_activations
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.run import load_run, train_step
-from recsae_core.recommenders.train import TrainConfig
-from recsae_core.sae.fit import SAEOptions, fit_sae
+from recsae_core.sae.config import SAETrainConfig
+from recsae_core.sae.fit import fit_sae
 from recsae_core.sae.stats import save_stats
 
 
@@ -27,14 +28,14 @@ def probe_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
     return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
 
 
-def sae_step(run_dir: Path, options: SAEOptions) -> dict[str, Any]:
+def sae_step(run_dir: Path, config: SAETrainConfig) -> dict[str, Any]:
     """Train, select and evaluate the run's SAE, and write RUN_DIR/sae atomically."""
     ctx = load_run(run_dir, device="cpu")
     layout = RunLayout(run_dir)
     if not layout.probe_complete():
         raise ArtifactError(f"{layout.probe}: no complete probe (run 'recsae pipeline' or the probe step first)")
     activations, _, _ = load_activations(layout.probe)
-    fitted = fit_sae(ctx, activations, options)
+    fitted = fit_sae(ctx, activations, config)
     with atomic_folder(layout.sae) as folder:
         fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
         save_stats(fitted.stats, folder / STATS_FILE)
@@ -64,7 +65,7 @@ def run_pipeline(
     model: str,
     protocol: str,
     train_config: TrainConfig,
-    sae_options: SAEOptions,
+    sae_config: SAETrainConfig,
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -80,9 +81,9 @@ def run_pipeline(
     steps: list[tuple[str, Callable[[], bool], Callable[[], dict]]] = [
         ("recommender", layout.recommender_complete,
          lambda: train_step(run_dir, dataset, model, protocol, train_config)),
-        ("probe", layout.probe_complete, lambda: probe_step(run_dir, sae_options.progress)),
-        ("sae", layout.sae_complete, lambda: sae_step(run_dir, sae_options)),
-        ("concepts", layout.catalog_complete, lambda: concepts_step(run_dir, sae_options.progress)),
+        ("probe", layout.probe_complete, lambda: probe_step(run_dir, sae_config.progress)),
+        ("sae", layout.sae_complete, lambda: sae_step(run_dir, sae_config)),
+        ("concepts", layout.catalog_complete, lambda: concepts_step(run_dir, sae_config.progress)),
         ("bundle", layout.bundle_complete, lambda: bundle_step(run_dir)),
     ]  # fmt: skip
     summary: dict[str, Any] = {}

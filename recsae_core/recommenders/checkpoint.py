@@ -10,7 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from recsae_core.common.artifacts import read_json, write_json
 from recsae_core.common.errors import ArtifactError
-from recsae_core.recommenders import MODELS, LightGCN, Recommender
+from recsae_core.recommenders.base import Recommender
+from recsae_core.recommenders.lightgcn import LightGCN
+from recsae_core.recommenders.registry import MODELS
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

@@ -14,10 +14,12 @@ from recsae_core.common.errors import ArtifactError, ConfigError
 from recsae_core.common.layout import RunLayout
 from recsae_core.data.datasets import Dataset, load_dataset
 from recsae_core.data.splits import Split, make_split
-from recsae_core.recommenders import MODELS, Recommender
+from recsae_core.recommenders.base import Recommender
 from recsae_core.recommenders.checkpoint import load_recommender, save_recommender
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.evaluate import evaluate, popularity_baseline
-from recsae_core.recommenders.train import TrainConfig, build_model, train_recommender
+from recsae_core.recommenders.registry import MODELS
+from recsae_core.recommenders.train import build_model, train_recommender
 
 
 @dataclass

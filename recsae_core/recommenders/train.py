@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,39 +12,12 @@ import torch
 from tqdm.auto import tqdm
 
 from recsae_core.data.splits import Split
-from recsae_core.recommenders import MODELS, LightGCN, Recommender
+from recsae_core.recommenders.base import Recommender
 from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.evaluate import evaluate
-
-# Per-model defaults, measured on ML-1M (docs/benchmarks.md): large-batch Adam gets each model to RecBole's level
-# within the 20-minute CPU budget.
-DEFAULTS: dict[str, dict] = {
-    "bprmf": {"batch_size": 4096, "lr": 1e-3, "weight_decay": 0.0},
-    "lightgcn": {"batch_size": 4096, "lr": 2e-3, "weight_decay": 0.0},
-    "sasrec": {"batch_size": 256, "lr": 1e-3, "weight_decay": 0.0},
-}
-
-
-@dataclass
-class TrainConfig:
-    """How to train; fields left None take the model's defaults from DEFAULTS."""
-
-    epochs: int = 300
-    batch_size: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    patience: int = 10
-    eval_every: int = 1
-    seed: int = 2020
-    device: str = "cpu"
-    progress: bool = True
-
-    def resolved(self, model_name: str) -> TrainConfig:
-        out = copy.copy(self)
-        for key, value in DEFAULTS[model_name].items():
-            if getattr(out, key) is None:
-                setattr(out, key, value)
-        return out
+from recsae_core.recommenders.lightgcn import LightGCN
+from recsae_core.recommenders.registry import MODELS
 
 
 @dataclass

@@ -53,3 +53,10 @@ def first_rows(data: Activations, n: int) -> Tensor:
     if not have:
         raise ConfigError("no activations to train on")
     return torch.cat(parts)
+
+
+def count_rows(data: Activations) -> int:
+    """Rows in all shards (shards read lazily are read once more to count them)."""
+    if isinstance(data, Tensor):
+        return len(data)
+    return sum(len(shard) for shard in _shards(data))

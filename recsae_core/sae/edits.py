@@ -1,34 +1,57 @@
-"""Error-preserving latent interventions: h' = h + (z' - z) W_dec.
+"""Latent edits: the op table (each op's algebra and what its value means), the units, and the one validation.
 
-Only the change an edit makes is added to h, so the SAE's reconstruction error stays in h' and a row without
-edits comes back bit-identical (the recommender's output is exactly the original one).
+An edit changes one latent of the TopK code z; the runtime (recsae_core.sae.runtime) adds only that change to h,
+h' = h + (z' - z) W_dec, so the SAE's reconstruction error stays in h' and a row without edits comes back
+bit-identical (the recommender's output is exactly the original one).
 
 Edits act on the TopK code z, not on the raw pre-activations: a latent outside the row's top-k has z = 0, so
 `nudge` by v turns it on at v, `pin` sets it to v, while `scale` and `ablate` leave it at 0. This matches what
 the decoder would see had the latent fired, and keeps "no edit" and "edit that changes nothing" identical.
 Values are not clamped at 0: a negative nudge beyond the current activation pushes h against the latent's
 direction, which is how PopSteer-style steering lowers a concept.
+
+A new op is one entry in OP_TABLE: the runtime applies its algebra, `validate_edits` its rules, and the HTTP schema
+takes its name from OPS.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any, Literal
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from recsae_core.common.errors import ArtifactError, ConfigError
-from recsae_core.sae.model import TopKSAE
+from recsae_core.common.errors import ConfigError
 from recsae_core.sae.stats import LatentStats
 
-OPS = ("ablate", "pin", "nudge", "scale")
-"""ablate: z_j = 0; pin: z_j = v; nudge: z_j += v; scale: z_j *= v."""
+Operand = Literal["none", "activation", "factor"]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One edit op: how it changes a latent's activation, and what kind of value it takes."""
+
+    apply: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    """z_j' from the current z_j and the value in raw units, elementwise over float32 arrays."""
+    operand: Operand
+    """none: takes no value (it must be 0); activation: an activation, given in any of UNITS and bounded in std
+    units; factor: a plain multiplier (raw unit only), bounded by EditBounds.max_scale."""
+
+
+OP_TABLE: dict[str, OpSpec] = {
+    "ablate": OpSpec(lambda z, v: np.zeros_like(z), "none"),  # z_j = 0
+    "pin": OpSpec(lambda z, v: v, "activation"),  # z_j = v
+    "nudge": OpSpec(lambda z, v: z + v, "activation"),  # z_j += v
+    "scale": OpSpec(lambda z, v: z * v, "factor"),  # z_j *= v
+}
+OPS = tuple(OP_TABLE)
+"""The op names, in the order error messages list them."""
 UNITS = ("raw", "std", "max")
 """raw: v as given; std: v x the latent's std_activation; max: v x its max_activation."""
+_WITH_UNITS = " and ".join(op for op, spec in OP_TABLE.items() if spec.operand == "activation")
 
 
 @dataclass(frozen=True)
@@ -69,15 +92,19 @@ class EditBounds:
     """Most edits on one row."""
 
 
-class InterventionResult(NamedTuple):
-    """Edited representations and the codes behind them."""
-
-    h_new: Tensor
-    """(B, d) h + (z_new - z) W_dec; rows without edits are exactly h."""
-    z: Tensor
-    """(B, n_latents) TopK code of h."""
-    z_new: Tensor
-    """(B, n_latents) code after the edits."""
+def op_problem(op: str, value: float, unit: str, bounds: EditBounds) -> str | None:
+    """What is wrong with a known op's value and unit before its latent is known (None when nothing is). The HTTP
+    schema asks this of every edit as it parses a request, so these answers come before any id is resolved."""
+    spec = OP_TABLE[op]
+    if spec.operand == "none" and value != 0:
+        return f"{op} takes no value (got {value})"
+    if spec.operand != "activation" and unit != "raw":
+        return f"unit '{unit}' does not apply to {op}; units apply to {_WITH_UNITS} only"
+    if spec.operand == "factor" and abs(value) > bounds.max_scale:
+        return f"{op} factor {value} outside [-{bounds.max_scale}, {bounds.max_scale}]"
+    if spec.operand == "activation" and unit == "std" and abs(value) > bounds.max_abs_std:
+        return f"|value| {abs(value)} std exceeds the bound of {bounds.max_abs_std} std"
+    return None
 
 
 def _fail(index: int, edit: Any, problem: str) -> ConfigError:
@@ -116,20 +143,14 @@ def validate_edits(
         if latent in seen:
             raise _fail(i, edit, f"conflicts with edit {seen[latent]} on the same latent {latent}; one edit per latent")
         seen[int(latent)] = i
-        if op in ("ablate", "scale") and unit != "raw":
-            raise _fail(i, edit, f"unit {unit!r} does not apply to {op}; units apply only to pin and nudge")
-        if op == "ablate" and value != 0:
-            raise _fail(i, edit, f"ablate takes no value, got {value}")
-        if op == "scale" and abs(value) > bounds.max_scale:
-            raise _fail(i, edit, f"scale factor {value} outside [-{bounds.max_scale}, {bounds.max_scale}]")
-        if op in ("pin", "nudge"):
-            _check_magnitude(i, edit, bounds, stats)
+        if problem := op_problem(op, value, unit, bounds):
+            raise _fail(i, edit, problem)
+        if OP_TABLE[op].operand == "activation":
+            _check_against_stats(i, edit, bounds, stats)
     return edits
 
 
-def _check_magnitude(i: int, edit: Edit, bounds: EditBounds, stats: LatentStats | None) -> None:
-    if edit.unit == "std" and abs(edit.value) > bounds.max_abs_std:
-        raise _fail(i, edit, f"|value| {abs(edit.value)} std exceeds the bound of {bounds.max_abs_std} std")
+def _check_against_stats(i: int, edit: Edit, bounds: EditBounds, stats: LatentStats | None) -> None:
     if stats is None or edit.value == 0:
         return
     std = float(stats.std_activation[edit.latent])
@@ -147,77 +168,23 @@ def _check_magnitude(i: int, edit: Edit, bounds: EditBounds, stats: LatentStats 
         )
 
 
-_OP_CODE = {op: code for code, op in enumerate(OPS)}
-_UNIT_CODE = {unit: code for code, unit in enumerate(UNITS)}
+def apply_ops(ops: np.ndarray, current: np.ndarray, operand: np.ndarray) -> np.ndarray:
+    """The edited activations: entry e is OP_TABLE[ops[e]] applied to current[e] and operand[e] (raw units)."""
+    edited = np.empty_like(current)
+    done = np.zeros(len(current), dtype=bool)
+    for name, spec in OP_TABLE.items():
+        mask = ops == name
+        if mask.any():
+            edited[mask] = spec.apply(current[mask], operand[mask])
+            done |= mask
+    if not done.all():
+        raise ValueError(f"unknown ops {sorted(set(ops[~done].tolist()))}; validate edits first (validate_edits)")
+    return edited
 
 
-def unit_scale(stats: LatentStats) -> Tensor:
-    """(len(UNITS), n_latents) multipliers that turn an edit value into raw units: raw -> 1, std -> std_j,
+def unit_scale(stats: LatentStats) -> np.ndarray:
+    """(len(UNITS), n_latents) float32 multipliers that turn an edit value into raw units: raw -> 1, std -> std_j,
     max -> max_j; row i is UNITS[i]."""
-    ones = torch.ones(stats.n_latents)
-    return torch.stack([ones, stats.std_activation.float(), stats.max_activation.float()])
-
-
-class Intervener:
-    """Applies validated edits to batches of h through a trained SAE and its latent statistics."""
-
-    def __init__(self, sae: TopKSAE, stats: LatentStats, bounds: EditBounds | None = None) -> None:
-        if stats.n_latents != sae.cfg.n_latents:
-            raise ArtifactError(
-                f"latent statistics cover {stats.n_latents} latents, but the SAE has {sae.cfg.n_latents}"
-            )
-        self.sae, self.stats, self.bounds = sae.eval(), stats, bounds or EditBounds()
-        self._unit_scale = unit_scale(stats).to(sae.device)
-
-    @torch.no_grad()
-    def apply(self, h: Tensor, edits_per_row: Sequence[Sequence[Edit]]) -> InterventionResult:
-        """Edit each row of h by its own list of edits (an empty list leaves the row untouched)."""
-        if h.ndim != 2 or h.shape[1] != self.sae.cfg.d_in:
-            raise ValueError(f"h must have shape (B, {self.sae.cfg.d_in}), got {tuple(h.shape)}")
-        if len(edits_per_row) != len(h):
-            raise ValueError(f"{len(edits_per_row)} edit lists for {len(h)} rows")
-        rows, latents, ops, values, units = [], [], [], [], []
-        checked: dict[int, list[Edit]] = {}  # the same list object (as from steer_all) is validated once
-        for row, row_edits in enumerate(edits_per_row):
-            if id(row_edits) not in checked:
-                checked[id(row_edits)] = validate_edits(row_edits, self.sae.cfg.n_latents, self.bounds, self.stats)
-            for edit in checked[id(row_edits)]:
-                rows.append(row)
-                latents.append(int(edit.latent))
-                ops.append(_OP_CODE[edit.op])
-                values.append(float(edit.value))
-                units.append(_UNIT_CODE[edit.unit])
-
-        device = self.sae.device
-        z = self.sae.encode(h.to(device, torch.float32))
-        if not rows:
-            return InterventionResult(h.clone(), z, z.clone())
-        row_t = torch.tensor(rows, device=device)
-        lat_t = torch.tensor(latents, device=device)
-        op_t = torch.tensor(ops, device=device)
-        raw = torch.tensor(values, device=device) * self._unit_scale[torch.tensor(units, device=device), lat_t]
-
-        # One edit per latent per row (validated), so each (row, latent) pair is written once and z' - z is
-        # non-zero only there: the decoder delta is a sum over the edits, not a dense (B, n_latents) product.
-        current = z[row_t, lat_t]
-        edited_value = torch.where(
-            op_t == _OP_CODE["ablate"],
-            torch.zeros_like(current),
-            torch.where(
-                op_t == _OP_CODE["pin"],
-                raw,
-                torch.where(op_t == _OP_CODE["scale"], current * raw, current + raw),
-            ),
-        )
-        z_new = z.clone()
-        z_new[row_t, lat_t] = edited_value
-        # Rows without edits receive nothing, so they stay exactly h.
-        delta = (edited_value - current)[:, None] * self.sae.W_dec[lat_t]
-        h_new = h.clone()
-        h_new.index_add_(0, row_t.to(h.device), delta.to(h.device, h.dtype))
-        return InterventionResult(h_new, z, z_new)
-
-    def steer_all(self, h: Tensor, edits: Sequence[Edit]) -> InterventionResult:
-        """Apply the same edits to every row."""
-        edits = list(edits)
-        return self.apply(h, [edits] * len(h))
+    ones = np.ones(stats.n_latents, dtype=np.float32)
+    columns = {"raw": ones, "std": stats.std_activation.detach().cpu(), "max": stats.max_activation.detach().cpu()}
+    return np.stack([np.asarray(columns[unit], dtype=np.float32) for unit in UNITS])

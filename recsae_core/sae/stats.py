@@ -1,6 +1,7 @@
 """Per-latent activation statistics of a trained SAE: firing frequency, activation scale and deciles.
 
-Later steps rely on them: the steering units (std, max), RecSAE's activation levels, the service's drift gauge.
+Later steps rely on them: the steering units (std, max), RecSAE's activation levels (runtime.activation_levels
+of global_deciles), the service's drift gauge.
 """
 
 from __future__ import annotations
@@ -49,11 +50,6 @@ class LatentStats:
     def dead_fraction(self) -> float:
         """Share of latents that never fired."""
         return float((self.frequency == 0).float().mean())
-
-    def levels(self, z: Tensor) -> Tensor:
-        """RecSAE activation levels: 0 where inactive, else 1..10 by global decile."""
-        cuts = self.global_deciles.to(z.device, z.dtype)
-        return torch.where(z > 0, 1 + torch.bucketize(z, cuts, right=True), torch.zeros_like(z, dtype=torch.long))
 
 
 def _interpolated_quantiles(values: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:

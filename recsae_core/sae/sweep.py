@@ -9,34 +9,36 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from recsae_core.common.artifacts import write_json
-from recsae_core.common.errors import ArtifactError
+from recsae_core.common.errors import ArtifactError, ConfigError
 from recsae_core.common.html import figure_html, page, table_html
 from recsae_core.common.layout import RunLayout
-from recsae_core.sae.fit import SAEOptions, fit_sae
 from recsae_core.probe.collect import load_activations
 from recsae_core.recommenders.run import load_run
+from recsae_core.sae.config import SAETrainConfig
+from recsae_core.sae.fit import fit_sae
 
 
-def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], options: SAEOptions, out: Path) -> dict[str, Any]:
-    """Train one SAE per (width, k) on the run's probe; write OUT (JSON) and OUT with .html beside it."""
+def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], config: SAETrainConfig, out: Path) -> dict[str, Any]:
+    """Train one SAE per (width, k) with k <= width on the run's probe, the rest of each run as `config` says
+    (its own n_latents and k are replaced); write OUT (JSON) and OUT with .html beside it."""
+    pairs = [(width, k) for width in widths for k in ks if k <= width]
+    if not pairs:
+        raise ConfigError(f"every k in {ks} exceeds every width in {widths}: nothing to sweep")
     layout = RunLayout(run_dir)
     if not layout.probe_complete():
         raise ArtifactError(f"{layout.probe}: no complete probe (run 'recsae pipeline' first)")
     ctx = load_run(run_dir)
     activations, _, _ = load_activations(layout.probe)
     points = []
-    for width in widths:
-        for k in ks:
-            if k > width:
-                continue
-            fitted = fit_sae(ctx, activations, dataclasses.replace(options, n_latents=width, k=k))
-            m = fitted.metrics
-            points.append({
-                "n_latents": width, "k": k, "fvu": m["fvu"], "dead_fraction": m["dead_fraction"],
-                "ndcg@10_original": m["ndcg@10"]["original"], "ndcg@10_substituted": m["ndcg@10"]["substituted"],
-                "substituted_ratio": m["substituted_ratio"], "seconds": m["seconds"],
-                "samples_per_second": m["samples_per_second"], "epochs_trained": m["epochs_trained"],
-            })  # fmt: skip
+    for width, k in pairs:
+        m = fit_sae(ctx, activations, dataclasses.replace(config, n_latents=width, k=k)).metrics
+        points.append({
+            "n_latents": width, "k": k, "fvu": m["fvu"], "dead_fraction": m["dead_fraction"],
+            "ndcg@10_original": m["ndcg@10"]["original"], "ndcg@10_substituted": m["ndcg@10"]["substituted"],
+            "substituted_ratio": m["substituted_ratio"], "seconds": m["seconds"],
+            "samples_per_second": m["samples_per_second"], "epochs_trained": m["epochs_trained"],
+            "stopped_by": m["stopped_by"],
+        })  # fmt: skip
     result = {"run": str(run_dir), "model": ctx.model.name, "dataset": ctx.config["dataset"], "points": points}
     write_json(out, result)
     out.with_suffix(".html").write_text(render(result))

@@ -7,65 +7,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.sae.activations import Activations, first_rows, iter_batches
+from recsae_core.sae.activations import Activations, count_rows, first_rows, iter_batches
+from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import SAEConfig, TopKSAE
-
-
-@dataclass
-class SAETrainConfig:
-    """How to train the SAE (RecSAE grid: lr in {1e-5, 5e-5, 1e-4})."""
-
-    lr: float = 1e-4
-    batch_size: int = 4096
-    epochs: int = 50
-    patience: int = 5
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    select_tolerance: float = 0.0
-    """Relative slack on the selection score: a later epoch scoring within this fraction of the best score so far
-    replaces the kept one when it reconstructs better (by min_fvu_gain). 0 keeps the strictly best-scoring epoch."""
-    min_fvu_gain: float = 0.005
-    """Relative FVU drop that makes a within-tolerance epoch worth keeping (and resets the patience)."""
-    max_seconds: float | None = None
-    """Stop after the epoch during which this much wall time has passed (the kept checkpoint is still returned)."""
-    lr_drops: int = 0
-    """When patience runs out, multiply the learning rate by lr_drop_factor and go on, this many times, before
-    stopping (reduce-on-plateau): the last part of the FVU comes from smaller steps, not more of them."""
-    lr_drop_factor: float = 0.3
-    select_every: int = 1
-    """Score (and count patience) every this many epochs: tiny epochs (one sample per user) would otherwise spend
-    more time selecting than training."""
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.select_tolerance < 1 and 0 <= self.min_fvu_gain < 1):
-            raise ConfigError(
-                f"SAETrainConfig.select_tolerance and min_fvu_gain must be in [0, 1), got "
-                f"{self.select_tolerance}, {self.min_fvu_gain}"
-            )
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise ConfigError(f"SAETrainConfig.max_seconds must be > 0, got {self.max_seconds}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"SAETrainConfig.lr must be > 0, got {self.lr}")
-        if self.batch_size < 2:
-            raise ConfigError(
-                f"SAETrainConfig.batch_size must be >= 2 (FVU needs a batch variance), got {self.batch_size}"
-            )
-        if self.lr_drops < 0 or not 0 < self.lr_drop_factor < 1:
-            raise ConfigError(
-                f"SAETrainConfig.lr_drops must be >= 0 and lr_drop_factor in (0, 1), got {self.lr_drops}, "
-                f"{self.lr_drop_factor}"
-            )
-        if self.select_every < 1:
-            raise ConfigError(f"SAETrainConfig.select_every must be >= 1, got {self.select_every}")
-        if self.epochs < 1 or self.patience < 1:
-            raise ConfigError(f"SAETrainConfig.epochs and patience must be >= 1, got {self.epochs}, {self.patience}")
 
 
 @dataclass
@@ -84,8 +35,11 @@ class SAETrainResult:
     """Wall-clock training time, selection included."""
     samples_per_second: float
     """Training throughput over all epochs."""
+    config: SAETrainConfig
+    """The run's settings, resolved against the training data (batch size, selection cadence, dead window)."""
     stopped_by: str = "epochs"
-    """Why training ended: 'epochs' (the cap), 'patience' (no kept checkpoint for `patience` epochs) or 'time'."""
+    """Why training ended: 'epochs' (the cap), 'patience' (no kept checkpoint for `patience` evaluations after the
+    last learning-rate drop) or 'time' (the wall-time budget)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu and
     valid_dead_fraction (on `valid`, when given), score."""
@@ -100,35 +54,43 @@ def random_sae(config: SAEConfig, data: Activations, seed: int) -> TopKSAE:
 
 def train_sae(
     activations: Activations,
-    sae_config: SAEConfig,
-    train_config: SAETrainConfig,
+    config: SAETrainConfig,
     select: Callable[[TopKSAE, dict[str, float]], float] | None = None,
     valid: Tensor | None = None,
     init: TopKSAE | None = None,
 ) -> SAETrainResult:
     """Adam on FVU + aux_coef * AuxK, with early stopping on `select(sae, row)` (higher is better: RecSAE uses the
     dev NDCG@10 with the reconstruction substituted; `row` is the epoch's history entry, with the reconstruction
-    metrics on `valid` already in it), else on -FVU of `valid`, else on -FVU of the training epoch.
+    metrics on `valid` already in it), else on -FVU of `valid`, else on -FVU of the training epoch. A checkpoint
+    with more dead latents than `config.max_dead` (on `valid` when given, else in the epoch) loses to any with fewer.
 
-    Training starts from `random_sae(sae_config, activations, seed)`, or from a copy of `init` when given
-    (whose config then replaces `sae_config`)."""
-    tc = train_config
+    Training starts from `random_sae(config.resolve(n).sae_config(d), activations, seed)`, or from a copy of `init`
+    when given, whose architecture (AuxK settings included) is then kept; its width and k must be the config's."""
+    tc = config.resolve(count_rows(activations))
+    if init is not None and (init.cfg.n_latents, init.cfg.k) != (tc.n_latents, tc.k):
+        raise ConfigError(
+            f"init SAE has n_latents={init.cfg.n_latents}, k={init.cfg.k}; the config asks for {tc.n_latents}, {tc.k}"
+        )
     gen = torch.Generator().manual_seed(tc.seed)
-    sae = copy.deepcopy(init) if init is not None else random_sae(sae_config, activations, tc.seed)
+    if init is not None:
+        sae = copy.deepcopy(init)
+    else:
+        sae = random_sae(tc.sae_config(first_rows(activations, 1).shape[1]), activations, tc.seed)
     sae = sae.to(tc.device).train()
     cfg = sae.cfg
     optimizer = torch.optim.Adam(sae.parameters(), lr=tc.lr)
+    max_seconds = tc.max_seconds
 
     # Samples seen since each latent last fired; a latent is dead once that reaches dead_after. With dead_after
-    # unset it is one epoch, which for shards is known only after the first pass; no latent can reach an epoch's
-    # count before then, so "infinite" during epoch 1 is the same rule.
+    # unset (an `init` SAE from elsewhere) it is one epoch, which for shards is known only after the first pass; no
+    # latent can reach an epoch's count before then, so "infinite" during epoch 1 is the same rule.
     since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=tc.device)
     dead_after = cfg.dead_after if cfg.dead_after is not None else math.inf
     if cfg.dead_after is None and isinstance(activations, Tensor):
         dead_after = len(activations)
 
     best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(sae.state_dict())
-    top_score, kept_score, kept_fvu = -math.inf, -math.inf, math.inf
+    top_score, kept_score, kept_fvu, kept_few_dead = -math.inf, -math.inf, math.inf, False
     stopped_by, drops_left = "epochs", tc.lr_drops
     history: list[dict[str, float]] = []
     seen, start, stale = 0, time.perf_counter(), 0
@@ -169,7 +131,9 @@ def train_sae(
             "aux_loss": sums["aux_loss"] / n_batches,
             "dead_fraction": 1.0 - float(fired.float().mean()),
         }
-        if epoch % tc.select_every and epoch != tc.epochs:
+        # Checked every epoch, scored or not; the epoch that runs out of time is scored, like the last one.
+        out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
+        if epoch % tc.select_every and epoch != tc.epochs and not out_of_time:
             history.append(row)
             continue
         sae.eval()
@@ -184,13 +148,21 @@ def train_sae(
         bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}", score=f"{score:.4f}")
 
         fvu_now = row.get("valid_fvu", row["fvu"])
-        if _keep(score, fvu_now, top_score, kept_score, kept_fvu, tc):
+        few_dead = row.get("valid_dead_fraction", row["dead_fraction"]) <= tc.max_dead
+        if few_dead and not kept_few_dead:  # the first checkpoint within max_dead beats every one before it
+            keep, top_score = True, -math.inf
+        elif kept_few_dead and not few_dead:
+            keep = False
+        else:
+            keep = _keep(score, fvu_now, top_score, kept_score, kept_fvu, tc)
+        if keep:
             best_score, best_epoch, stale = score, epoch, 0
-            kept_score, kept_fvu = score, fvu_now
+            kept_score, kept_fvu, kept_few_dead = score, fvu_now, few_dead
             best_state = copy.deepcopy(sae.state_dict())
         else:
             stale += 1
-        top_score = max(top_score, score)
+        if few_dead == kept_few_dead:  # the tolerance band is measured among checkpoints of the kept one's kind
+            top_score = max(top_score, score)
         if stale >= tc.patience and drops_left > 0:
             drops_left, stale = drops_left - 1, 0
             for group in optimizer.param_groups:
@@ -199,7 +171,7 @@ def train_sae(
         elif stale >= tc.patience:
             stopped_by = "patience"
             break
-        if tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds:
+        if out_of_time:
             stopped_by = "time"
             break
     bar.close()
@@ -208,6 +180,7 @@ def train_sae(
     sae.load_state_dict(best_state)
     return SAETrainResult(
         sae=sae.eval(),
+        config=tc,
         best_epoch=best_epoch,
         best_score=best_score,
         epochs_trained=len(history),
@@ -216,6 +189,18 @@ def train_sae(
         history=history,
         stopped_by=stopped_by,
     )
+
+
+def training_summary(result: SAETrainResult) -> dict[str, Any]:
+    """What a step records about how its SAE was trained: the resolved settings and how training ended."""
+    tc = result.config
+    return {
+        "n_latents": tc.n_latents, "k": tc.k, "lr": tc.lr, "batch_size": tc.batch_size,
+        "dead_after": result.sae.cfg.dead_after, "max_dead": tc.max_dead, "select_every": tc.select_every,
+        "max_minutes": tc.max_minutes, "seconds": round(result.seconds, 2),
+        "samples_per_second": round(result.samples_per_second, 1), "best_epoch": result.best_epoch,
+        "epochs_trained": result.epochs_trained, "stopped_by": result.stopped_by,
+    }  # fmt: skip
 
 
 def _keep(score: float, fvu: float, top_score: float, kept_score: float, kept_fvu: float, tc: SAETrainConfig) -> bool:

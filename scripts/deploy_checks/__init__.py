@@ -1,0 +1,1 @@
+"""Offline validators of the deployment artifacts: `python -m scripts.deploy_checks {crd,dashboard,promql}`."""
