@@ -21,54 +21,31 @@ Parser = Callable[[str], Any]
 """Text -> value; raises argparse.ArgumentTypeError with a one-line reason (argparse prints it as is)."""
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _parser(name: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], unparsed: str, outside: str) -> Parser:
+    """A parser that converts text and refuses values for which `ok` is false, naming what it expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unparsed}, got {text!r}") from None
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {outside}, got {value if convert is int else text}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == math.inf:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
+positive_int = _parser("positive_int", int, lambda v: v > 0, "a positive integer", "a positive integer")
+non_negative_int = _parser("non_negative_int", int, lambda v: v >= 0, "an integer >= 0", "an integer >= 0")
+positive_float = _parser(
+    "positive_float", float, lambda v: 0 < v < math.inf, "a positive number", "a positive finite number"
+)
+non_negative_float = _parser(
+    "non_negative_float", float, lambda v: 0 <= v < math.inf, "a number >= 0", "a finite number >= 0"
+)
+fraction = _parser("fraction", float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "a number in [0, 1]")
 
 
 PositiveInt = Annotated[int, positive_int]

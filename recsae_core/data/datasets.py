@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -119,6 +120,25 @@ def locate_dataset(name_or_path: str) -> Path:
     return folder
 
 
+ColumnKind = Literal["categorical", "numeric", "text"]
+
+
+@dataclass
+class Column:
+    """One metadata column of an item or user table, in dense index order: what the concept labeler and the
+    fairness targets read, whatever the table's own column names are."""
+
+    kind: ColumnKind
+    """categorical: a set of tokens per row (genres, a category, gender); numeric: a number per row (a year, an
+    age); text: free text per row (a title, a description)."""
+    tokens: list[list[str]] | None = None
+    """categorical: each row's tokens (empty where unknown)."""
+    numbers: np.ndarray | None = None
+    """numeric: float64 per row, NaN where unknown."""
+    texts: list[str] | None = None
+    """text: each row's text ('' where unknown)."""
+
+
 @dataclass
 class ItemMeta:
     """Per-item metadata in dense item-index order."""
@@ -129,6 +149,8 @@ class ItemMeta:
     """Release year (int), -1 where unknown."""
     genres: list[list[str]]
     """Genre tokens per item (possibly empty)."""
+    columns: dict[str, Column] = field(default_factory=dict)
+    """Every metadata column of the item table by its own name (titles, genres and years included)."""
 
 
 @dataclass
@@ -141,6 +163,8 @@ class UserMeta:
     """Age or age bucket as given by the dataset."""
     occupation: list[str]
     """Occupation code or name."""
+    columns: dict[str, Column] = field(default_factory=dict)
+    """Every attribute column of the user table by its own name (gender, age and occupation included)."""
 
 
 @dataclass

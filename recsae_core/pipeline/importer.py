@@ -10,7 +10,7 @@ import torch
 from recsae_core.bundle.export import contents_from_onnx
 from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.artifacts import atomic_folder, write_json
-from recsae_core.common.layout import METRICS, STATS_FILE
+from recsae_core.common.layout import METRICS, STATS_FILE, RunLayout
 from recsae_core.probe.collect import collect_onnx, load_activations
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import latent_statistics, save_stats
@@ -30,11 +30,11 @@ def import_onnx(
     """Build a bundle around an outside model, its SAE trained as `config` says. Without ground-truth interactions
     the SAE is selected on held-out reconstruction (FVU) instead of dev NDCG; every other setting applies as in a
     run (the tolerance then ties checkpoints on FVU itself, so the better reconstruction wins either way)."""
-    work = work or out.with_name(out.name + ".work")
+    layout = RunLayout(work or out.with_name(out.name + ".work"))  # the import's probe and SAE, as in a run
     # Validate every input file before spending minutes on the probe and the SAE.
-    contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, work / "sae", name)
-    collect_onnx(onnx_path, user_inputs_path, work / "probe", progress=config.progress)
-    activations, _, _ = load_activations(work / "probe")
+    contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, layout.sae, name)
+    collect_onnx(onnx_path, user_inputs_path, layout.probe, progress=config.progress)
+    activations, _, _ = load_activations(layout.probe)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(activations), generator=generator)
     n_valid = max(len(activations) // 10, 1)
@@ -50,7 +50,7 @@ def import_onnx(
         **training_summary(result),
         "history": result.history,
     }
-    with atomic_folder(work / "sae") as folder:
+    with atomic_folder(layout.sae) as folder:
         sae.save(folder, hook_name="imported.h")
         save_stats(stats, folder / STATS_FILE)
         write_json(folder / METRICS, metrics)
