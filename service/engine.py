@@ -94,16 +94,8 @@ class Engine:
         map for new users of user-embedding models."""
         spec = self.bundle.inputs
         h = np.empty((len(rows), self.bundle.d), dtype=np.float32)
-        if spec.kind == "history":
-            seqs = np.full((len(rows), spec.max_len), spec.pad_id, dtype=np.int64)
-            for i, row in enumerate(rows):
-                if row.user is not None:
-                    seqs[i] = self.bundle.user_inputs[spec.history_input][row.user]
-                else:
-                    tail = row.history[-spec.max_len :]
-                    seqs[i, spec.max_len - len(tail) :] = tail
-            feed = {spec.history_input: seqs}
-            h[:] = self.session.run([self.output], feed)[0]
+        if spec.feeds_histories:
+            h[:] = self.session.run([self.output], self._history_feed(rows))[0]
             return h
         known = [i for i, row in enumerate(rows) if row.user is not None]
         if known:
@@ -114,6 +106,36 @@ class Engine:
             if row.user is None:
                 h[i] = self.bundle.foldin[:, np.unique(row.history)].sum(1)
         return h
+
+    def _history_feed(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        """A sequence model's inputs: a known user's stored row, or a history's newest max_len items in the model's
+        own indices, padded on the model's side, with its item count when the model takes one. The stored rows were
+        built by the same rule (load_bundle checks), so a user's history as a request is fed exactly as the user."""
+        spec, stored = self.bundle.inputs, self.bundle.user_inputs
+        seqs = np.full((len(rows), spec.max_len), spec.pad_id, dtype=stored[spec.history_input].dtype)
+        lengths = None
+        if spec.length_input is not None:  # as stored: (n,) or (n, 1), in the dtype the model declares
+            stored_lengths = stored[spec.length_input]
+            lengths = np.zeros((len(rows), *stored_lengths.shape[1:]), stored_lengths.dtype)
+        for i, row in enumerate(rows):
+            if row.user is not None:
+                seqs[i] = stored[spec.history_input][row.user]
+                if lengths is not None:
+                    lengths[i] = stored_lengths[row.user]
+                continue
+            tail = row.history[-spec.max_len :]
+            if self.bundle.model_index is not None:
+                tail = self.bundle.model_index[tail]
+            if spec.padding == "left":
+                seqs[i, spec.max_len - len(tail) :] = tail
+            else:
+                seqs[i, : len(tail)] = tail
+            if lengths is not None:
+                lengths[i] = len(tail)
+        feed = {spec.history_input: seqs}
+        if lengths is not None:
+            feed[spec.length_input] = lengths
+        return feed
 
     def _masks(self, rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
         mask_rows, mask_cols = [], []

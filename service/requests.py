@@ -1,7 +1,7 @@
 """A validated RecommendRequest -> the engine's Row: ids to indices, concepts to latents, policies to edits.
 
-Everything a request can get wrong past its schema is found here and raised as RequestError (404 unknown id, 422
-invalid, 409 SAE off), before the request joins a batch.
+Everything a request can get wrong past its schema is found here and raised as RequestError (404 unknown user, 422
+invalid or unknown history items, 409 SAE off), before the request joins a batch.
 """
 
 from __future__ import annotations
@@ -47,15 +47,25 @@ class RequestParser:
         return row
 
     def _history(self, history: list[str | int]) -> np.ndarray:
-        kind = self.bundle.inputs.kind
-        if kind == "custom" or (kind == "history" and len(self.bundle.inputs.names) > 1):
+        spec = self.bundle.inputs
+        if spec.kind == "custom" or (spec.kind == "history" and not spec.feeds_histories):
             raise RequestError(422, "this bundle's model takes custom inputs; only known user_ids can be served")
-        if kind == "user" and self.bundle.foldin is None:
+        if spec.kind == "user" and self.bundle.foldin is None:
             raise RequestError(422, "this bundle has no fold-in map for new users; only known user_ids work")
-        items = []
+        items, unknown = [], []
         for raw in history:
             index = self.item_index.get(str(raw))
             if index is None:
-                raise RequestError(404, f"unknown item id '{raw}' in history")
-            items.append(index)
+                unknown.append(str(raw))
+            else:
+                items.append(index)
+        if unknown:
+            raise RequestError(422, unknown_items(unknown))
         return np.asarray(items, dtype=np.int64)
+
+
+def unknown_items(ids: list[str]) -> str:
+    """One line naming every unknown id once, in request order (repr keeps an id with a newline on one line)."""
+    distinct = list(dict.fromkeys(ids))
+    plural = "s" if len(distinct) > 1 else ""
+    return f"unknown item id{plural} {', '.join(repr(raw) for raw in distinct)} in history"

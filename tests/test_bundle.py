@@ -169,6 +169,11 @@ def test_load_bundle_round_trip(built):
         assert bundle.inputs.kind == "user" and bundle.inputs.names == ["user"]
         np.testing.assert_array_equal(bundle.user_inputs["user"], np.arange(n_users))
         assert bundle.foldin is not None and bundle.foldin.shape == (64, n_items)
+    # In-house models feed dense item indices, left-padded: the fields added for imported models keep their defaults
+    # and stay out of the manifest and items.safetensors, so readers from before them read this bundle as ever.
+    assert set(manifest["inputs"]) == {"kind", "names", "history_input", "max_len", "pad_id"}
+    assert (bundle.inputs.padding, bundle.inputs.length_input, bundle.model_index) == ("left", None, None)
+    assert "model_index" not in load_file(str(bundle.folder / "items.safetensors"))
     sae = TopKSAE.load(bundle.sae_folder)
     assert (sae.cfg.d_in, sae.cfg.n_latents, sae.cfg.k) == (64, 128, 4)
     trained = TopKSAE.load(RunLayout(built["run_dir"]).sae)
@@ -228,6 +233,36 @@ def test_refuses_item_embedding_shape_mismatch(bundle_copy):
     save_file(tensors, str(path))
     refit_sha(bundle_copy, "items.safetensors")
     assert "item_embeddings" in refused(bundle_copy, path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"length_input": "user"}, "inputs.length_input applies to kind 'history' only, not 'user'"),
+        ({"padding": "right"}, "inputs.padding applies to kind 'history' only"),
+        ({"pad_index": 0}, "inputs has unknown field(s) ['pad_index']"),
+        ({"names": []}, "inputs.names must be a non-empty list"),
+        ({"kind": "sequence"}, "inputs.kind 'sequence' is not one of"),
+    ],
+)
+def test_refuses_bad_input_spec(bundle_copy, changes, needle):
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["inputs"].update(changes)
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    assert needle in refused(bundle_copy, bundle_copy / MANIFEST)
+    refused(bundle_copy, bundle_copy / MANIFEST, load=verify_bundle)
+
+
+def test_refuses_duplicate_model_index(bundle_copy):
+    path = bundle_copy / "items.safetensors"
+    tensors = load_file(str(path))
+    n_items = len(tensors["item_embeddings"])
+    tensors["model_index"] = np.minimum(np.arange(n_items, dtype=np.int64), n_items - 2)
+    save_file(tensors, str(path))
+    refit_sha(bundle_copy, "items.safetensors")
+    assert f"model_index {n_items - 2} is given to both item {n_items - 2} and item {n_items - 1}" in refused(
+        bundle_copy, path
+    )
 
 
 # ---------------------------------------------------------------- atomic writes

@@ -168,3 +168,48 @@ def test_catalog_complete_tracks_the_sae_and_missing_inputs_are_named(run_dir, c
     assert not RunLayout(copy).catalog_complete()
     with pytest.raises(ArtifactError, match=r"probe/meta.json: missing; run 'recsae train-sae"):
         build_catalog(copy, options=SMALL)
+
+
+def test_catalog_is_named_from_the_tables_own_columns(run_dir, catalog, tmp_path, monkeypatch):
+    """The same run with tables whose columns MovieLens does not name ('category' for the genres,
+    'published_year', 'job', a free-text 'headline'): the catalog's terms carry those names through the generic
+    path, and every latent's name and scores equal those under the MovieLens names, since the terms are the same
+    ones renamed."""
+    import recsae_core.concepts.catalog as catalog_module
+    from recsae_core.concepts.metadata_terms import item_columns, user_columns
+    from recsae_core.data.datasets import Column
+
+    real_load_run = catalog_module.load_run
+
+    def renamed_tables(path):
+        ctx = real_load_run(path)
+        data = ctx.dataset
+        items, users = item_columns(data), user_columns(data)
+        genre = next(items[name] for name in ("genre", "class", "genres") if name in items)
+        data.item_meta.columns = {"headline": Column("text", texts=list(data.item_meta.titles)), "category": genre,
+                                  "published_year": items["release_year"]}  # fmt: skip
+        data.user_meta.columns = {"gender": users["gender"], "age": users["age"], "job": users["occupation"]}
+        return ctx
+
+    monkeypatch.setattr(catalog_module, "load_run", renamed_tables)
+    run = tmp_path / "run"
+    for part in ("recommender", "probe", "sae"):
+        shutil.copytree(run_dir / part, run / part)
+    other = build_catalog(run, "tfidf", options=SMALL)
+    renames = {"genre": "category", "decade": "published_year", "occupation": "job"}
+
+    def rename(term: str) -> str:
+        where, _, rest = term.partition(" ") if term.startswith(("last ", "next ")) else ("", "", term)
+        kind, _, value = rest.partition(":")
+        return f"{where + ' ' if where else ''}{renames.get(kind, kind)}:{value}"
+
+    keys = [t["term"] for c in other["concepts"] for t in c["terms"]]
+    assert any(k.split(":")[0].endswith("category") for k in keys)
+    assert not any(k.split(":")[0].endswith(("genre", "decade", "occupation", "headline")) for k in keys)
+    assert [c["latent"] for c in other["concepts"]] == [c["latent"] for c in catalog["concepts"]]
+    for mine, theirs in zip(catalog["concepts"], other["concepts"], strict=True):
+        assert theirs["name"] == mine["name"]
+        assert (theirs["confidence"], theirs["auc"]) == (mine["confidence"], mine["auc"])
+        assert [t["term"] for t in theirs["terms"]] == [rename(t["term"]) for t in mine["terms"]]
+        assert ("job" in theirs["skew"]) == ("occupation" in mine["skew"]) and "occupation" not in theirs["skew"]
+    assert other["summary"]["mean_confidence"] == catalog["summary"]["mean_confidence"]

@@ -10,18 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from recsae_core.concepts.catalog import unique_names
-from recsae_core.concepts.labelers import (
-    Simulator,
-    Term,
-    age_band,
-    describe_terms,
-    make_tfidf_label,
-    occupation_name,
-    popularity_bands,
-    tfidf_terms,
-)
+from recsae_core.concepts.labelers import Simulator, Term, describe_terms, make_tfidf_label, tfidf_terms
 from recsae_core.concepts.llm_client import yes_share
 from recsae_core.concepts.llm_labeler import parse_explanation
+from recsae_core.concepts.metadata_terms import age_band, occupation_name, popularity_bands
 from recsae_core.concepts.samples import (
     SampleOptions,
     column_top_units,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,10 +20,12 @@ import pytest
 import torch
 
 from recsae_core.bundle.format import sha256_file
+from recsae_core.common.errors import ConfigError
 from recsae_core.common.layout import STATS_FILE
 from recsae_core.debias.bias_metrics import popularity_metrics
 from recsae_core.debias.experiment import debias
 from recsae_core.debias.screen import associate, benjamini_hochberg, made_for
+from recsae_core.debias.targets import Target, parse_target, user_groups
 from recsae_core.pipeline.steps import probe_step, sae_step
 from recsae_core.recommenders.run import load_run
 from recsae_core.sae.config import SAETrainConfig
@@ -134,6 +137,13 @@ def test_gender_report_keys_and_constraint(debias_run: tuple[Path, dict]) -> Non
     if result["chosen"]["policy"] is not None:
         assert result["chosen"]["dev_metrics"]["ndcg_gap"] <= result["original_dev"]["ndcg_gap"] + 1e-12
         assert result["chosen"]["dev_ndcg_rel_loss"] <= 0.2
+    # Each group's NDCG is reported; the files keep the target's name.
+    original = result["original"]
+    assert original["ndcg_gap"] == pytest.approx(abs(original["group_ndcg@10"] - original["rest_ndcg@10"]), abs=2e-6)
+    assert result["groups"]["group"] == "F" and result["groups"]["rest"] == "M"
+    assert (run / "debias" / "gender.json").is_file()
+    if result["chosen"]["policy"] is not None:
+        assert result["chosen"]["policy"] == "gender" and (run / "policies" / "gender.json").is_file()
 
 
 def _fake_bundle(run: Path, policies: dict[str, dict]) -> SimpleNamespace:
@@ -209,3 +219,97 @@ def test_policy_by_name_over_http(debias_run: tuple[Path, dict], tmp_path: Path)
             assert refused.status_code == 422 and "made for sae" in refused.json()["detail"]
     finally:
         service.stop()
+
+
+def test_target_syntax_and_refusals(ml100k) -> None:
+    """Targets parse to their files' names; a user attribute split names its groups, and a column or value the
+    user table lacks is refused in one line naming the known ones."""
+    assert parse_target("popularity") == Target("popularity", "popularity")
+    assert parse_target("gender").name == "gender" and parse_target("gender").fairness
+    target = parse_target("attribute:occupation=student")
+    assert (target.column, target.value, target.name) == ("occupation", "student", "attribute-occupation-student")
+    assert parse_target("attribute: K-12 = Writer/Poet ").name == "attribute-k-12-writer-poet"
+    assert parse_target("attribute:x=日本").name.startswith("attribute-x-")  # still a usable, distinct file name
+    assert parse_target("attribute:x=日本").name != parse_target("attribute:x=中国").name
+    for bad, needle in (("pop", "unknown target 'pop': expected popularity, gender or attribute:COLUMN=VALUE"),
+                        ("attribute:occupation", "expected attribute:COLUMN=VALUE"),
+                        ("attribute:=student", "expected attribute:COLUMN=VALUE")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            parse_target(bad)
+
+    students = user_groups(ml100k, target)
+    occupations = np.asarray(ml100k.user_meta.occupation)
+    np.testing.assert_array_equal(students.member, occupations == "student")
+    assert students.known.all() and students.label == "occupation = student"
+    gender = user_groups(ml100k, parse_target("gender"))
+    np.testing.assert_array_equal(gender.member, np.asarray(ml100k.user_meta.gender) == "F")
+    # Numbers match numerically: ML-100K ages are given as whole numbers.
+    np.testing.assert_array_equal(user_groups(ml100k, parse_target("attribute:age=25.0")).member,
+                                  np.asarray(ml100k.user_meta.age) == "25")  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        user_groups(ml100k, parse_target("attribute:income=high"))
+    assert str(err.value) == ("target 'attribute:income=high': the user table of dataset 'ml-100k' has no column "
+                              "'income'; its columns: age, gender, occupation, zip_code")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"no user has occupation 'astronaut'; known values: administrator, artist"):
+        user_groups(ml100k, parse_target("attribute:occupation=astronaut"))
+    with pytest.raises(ConfigError, match=r"known values: 00000, .* \.\.\. \(\d+ in all\)"):
+        user_groups(ml100k, parse_target("attribute:zip_code=none"))
+    no_users = copy.copy(ml100k)
+    no_users.user_meta = None
+    with pytest.raises(ConfigError, match="dataset 'ml-100k' has no user table, so no attribute 'gender'"):
+        user_groups(no_users, parse_target("gender"))
+
+
+def test_attribute_target_end_to_end(debias_run: tuple[Path, dict]) -> None:
+    """attribute:occupation=student on the short ML-100K run: students against every other occupation, with
+    leakage, each group's NDCG and the gap; files and policy under the target's slug; the policy loads into the
+    service catalog by that name."""
+    run, _ = debias_run
+    spec = "attribute:occupation=student"
+    result = debias(run, spec, budget=0.2, max_candidates=4, progress=False, log=lambda _: None)
+    assert result["target"] == spec and result["name"] == "attribute-occupation-student"
+    saved = json.loads((run / "debias" / "attribute-occupation-student.json").read_text())
+    assert saved["target"] == spec and set(saved["pareto"]) == {"leakage_distance", "ndcg_gap"}
+    original = result["original"]
+    assert {"leakage_auc", "history_leakage_auc", "ndcg_gap", "group_ndcg@10", "rest_ndcg@10"} <= set(original)
+    assert 0 < original["leakage_auc"] < 1 and 0 < original["history_leakage_auc"] < 1
+    assert original["ndcg_gap"] == pytest.approx(abs(original["group_ndcg@10"] - original["rest_ndcg@10"]), abs=2e-6)
+    ctx = load_run(run)
+    students = np.asarray(ctx.dataset.user_meta.occupation) == "student"
+    test_users = np.flatnonzero(ctx.split.targets("test").lengths > 0)
+    assert result["groups"]["users"]["test"] == {"group": int(students[test_users].sum()),
+                                                 "rest": int((~students[test_users]).sum())}  # fmt: skip
+    assert result["groups"]["group"] == "occupation = student"
+    # Only steering policies are swept (the re-ranking baselines are popularity methods); a tiny run may find no
+    # latent that lowers the leakage, and then sweeps nothing.
+    assert {p["method"] for p in result["sweep"]} <= {"recsae-policy"} and result["baselines_at_budget"] == {}
+    assert result["latents"]["n_significant"] >= len(result["latents"]["candidates"])
+    assert "attribute:occupation=student" in (run / "debias" / "report.html").read_text()
+    chosen = result["chosen"]
+    if chosen["policy"] is not None:
+        assert chosen["policy"] == "attribute-occupation-student"
+        assert chosen["dev_metrics"]["ndcg_gap"] <= result["original_dev"]["ndcg_gap"] + 1e-12
+        policy = json.loads((run / "policies" / "attribute-occupation-student.json").read_text())
+        assert policy["name"] == "attribute-occupation-student" and policy["target"] == spec
+        sae = TopKSAE.load(run / "sae")
+        stats = load_stats(run / "sae" / STATS_FILE, sae.cfg.n_latents)
+        catalog = Catalog(_fake_bundle(run, {policy["name"]: policy}), stats, sae.cfg.n_latents, EditBounds())
+        assert catalog.policy("attribute-occupation-student").edits == [Edit(**e) for e in policy["edits"]]
+
+
+def test_cli_refuses_an_unknown_attribute_in_one_line(debias_run: tuple[Path, dict], capsys) -> None:
+    from recsae_core.pipeline.cli import main
+
+    run, _ = debias_run
+    assert main(["debias", "--run", str(run), "--target", "attribute:income=high", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("recsae: error: target 'attribute:income=high': the user table of dataset 'ml-100k' has no column "
+                   "'income'; its columns: age, gender, occupation, zip_code")  # fmt: skip
+    assert main(["debias", "--run", str(run), "--target", "fairness", "--quiet"]) == 2
+    assert "unknown target 'fairness'" in capsys.readouterr().err
+    # One 73-year-old user: too few to cross-validate a leakage AUC, refused before any sweep.
+    assert main(["debias", "--run", str(run), "--target", "attribute:age=73", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"recsae: error: target 'attribute:age=73': too few valid users to measure it \(1 with age = "
+                        r"73, \d+ with age != 73\); each group needs at least 5", err), err  # fmt: skip
+    assert not (run / "debias" / "attribute-age-73.json").exists()

@@ -226,7 +226,10 @@ def edits(*items: dict) -> dict:
 
 BAD = [
     ("post", {"json": {"user_id": "no-such-user"}}, 404, "unknown user_id 'no-such-user'"),
-    ("post", {"json": {"history": ["1", "no-such-item"]}}, 404, "unknown item id 'no-such-item' in history"),
+    # Issue 15: an unknown history id is invalid input (422, was 404), and every unknown id is named at once.
+    ("post", {"json": {"history": ["1", "no-such-item"]}}, 422, "unknown item id 'no-such-item' in history"),
+    ("post", {"json": {"history": ["x1", "1", "x2", "x1"]}}, 422, "unknown item ids 'x1', 'x2' in history"),
+    ("get", {"params": {"history": "x1,1,x2"}}, 422, "unknown item ids 'x1', 'x2' in history"),
     ("post", {"json": {"user_id": "1", "k": 0}}, 422, "k: Input should be greater than or equal to 1"),
     ("post", {"json": {"user_id": "1", "k": 101}}, 422, "k: must be between 1 and 100 (got 101)"),
     ("post", {"json": {"user_id": "1", "k": 2.5}}, 422, "k: Input should be a valid integer"),

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors.numpy import load_file, save_file
 
-from recsae_core.bundle.format import InputSpec
+from recsae_core.bundle.format import MANIFEST, InputSpec, sha256_file
 from recsae_core.sae.edits import OPS, UNITS, Edit, op_problem
 from recsae_core.sae.model import TopKSAE
 from service.engine import Row
@@ -222,9 +225,13 @@ def test_history_requests_and_masking(served: Served) -> None:
     assert not set(result.items) & {10, 20, 30}
     row.exclude_seen = False
     assert len(served.engine.recommend([row])[0][0].items) == 50
+    # Issue 15: an unknown history id is invalid input (422, was 404), and every unknown id is named, once each.
     with pytest.raises(RequestError) as info:
         served.requests.parse(parse({"history": ["no-such-item"]}))
-    assert (info.value.status, info.value.message) == (404, "unknown item id 'no-such-item' in history")
+    assert (info.value.status, info.value.message) == (422, "unknown item id 'no-such-item' in history")
+    with pytest.raises(RequestError) as info:
+        served.requests.parse(parse({"history": ["x1", history[0], "x2", "x1", 99999999]}))
+    assert (info.value.status, info.value.message) == (422, "unknown item ids 'x1', 'x2', '99999999' in history")
     with pytest.raises(RequestError) as info:
         served.requests.parse(parse({"user_id": "no-such-user"}))
     assert info.value.status == 404 and "'no-such-user'" in info.value.message
@@ -238,6 +245,33 @@ def test_custom_input_models_refuse_histories(served: Served) -> None:
     with pytest.raises(RequestError) as info:
         custom.parse(parse({"history": [served.responses.item_ids[0]]}))
     assert info.value.status == 422 and "only known user_ids" in info.value.message
+
+
+def test_bundles_without_the_recipe_fields_serve_as_before(served: Served, tmp_path: Path) -> None:
+    """A bundle written before model_index and padding existed reads with the defaults that mean what it always
+    meant; writing those defaults out explicitly changes nothing, bit for bit, for users and histories."""
+    bundle = served.bundle
+    assert set(bundle.manifest["inputs"]) == {"kind", "names", "history_input", "max_len", "pad_id"}
+    assert bundle.model_index is None and "model_index" not in load_file(str(bundle.folder / "items.safetensors"))
+    assert (bundle.inputs.padding, bundle.inputs.length_input) == ("left", None)
+    explicit = tmp_path / "bundle"
+    shutil.copytree(bundle.folder, explicit)
+    items = explicit / "items.safetensors"
+    save_file({**load_file(str(items)), "model_index": np.arange(bundle.n_items, dtype=np.int64)}, str(items))
+    manifest = json.loads((explicit / MANIFEST).read_text())
+    manifest["files"]["items.safetensors"] = sha256_file(items)
+    manifest["inputs"].update(padding="left", length_input=None)
+    (explicit / MANIFEST).write_text(json.dumps(manifest))
+    again = Served.load(explicit)
+    assert again.bundle.model_index is not None
+    rng = np.random.default_rng(5)
+    rows = [Row(user=int(u), k=20) for u in rng.choice(len(bundle.user_ids), 10)]
+    rows += [Row(history=rng.choice(bundle.n_items, n, replace=False), k=20) for n in (1, 7, 50, 80)]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    np.testing.assert_array_equal(again.engine.represent(rows), served.engine.represent(rows))
+    for old, new in zip(served.engine.recommend(rows)[0], again.engine.recommend(rows)[0], strict=True):
+        np.testing.assert_array_equal(old.items, new.items)
+        np.testing.assert_array_equal(old.scores, new.scores)
 
 
 def test_concepts_policies_and_conflicts(served: Served) -> None:

@@ -11,11 +11,12 @@ import torch
 
 from recsae_core.bundle.format import BundleContents, InputSpec, read_tensors, sha256_file
 from recsae_core.common.errors import ArtifactError, DataError
-from recsae_core.common.layout import MODEL_WEIGHTS, RunLayout
+from recsae_core.common.layout import RunLayout
+from recsae_core.common.onnx import cast_to_declared, h_output, load_inputs, open_onnx
 from recsae_core.data.splits import Ragged
-from recsae_core.probe.collect import h_output, load_inputs, open_onnx
-from recsae_core.recommenders.batching import pad_histories
-from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.batching import make_batch, pad_histories
+from recsae_core.recommenders.onnx_model import OnnxRecommender
+from recsae_core.recommenders.recipe import Recipe
 from recsae_core.recommenders.run import RunContext
 
 PARITY_TOLERANCE = 1e-5
@@ -39,6 +40,18 @@ def export_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str,
     module.eval()  # export restores the module's previous mode; make sure it is eval for the parity check
 
 
+def input_spec(recipe: Recipe, custom_names: list[str] | None = None) -> InputSpec:
+    """How the bundle feeds a model wrapped by `recipe`: a sequence recipe is a 'history' bundle (its padding, pad
+    index and length input), a user-index recipe a 'user' bundle, a custom one 'custom' over `custom_names`."""
+    if recipe.kind == "sequence":
+        length = recipe.inputs.get("length")
+        return InputSpec("history", recipe.input_names, recipe.inputs["items"], recipe.max_len, recipe.pad_index,
+                         padding=recipe.padding, length_input=length)  # fmt: skip
+    if recipe.kind == "user_index":
+        return InputSpec("user", [recipe.inputs["user"]])
+    return InputSpec("custom", list(custom_names or []))
+
+
 def full_histories(ctx: RunContext) -> Ragged:
     """Every known item of every user in time order (train, then valid, then test): what the service sees."""
     split = ctx.split
@@ -54,15 +67,18 @@ def ridge_foldin(item_embeddings: np.ndarray, reg: float = 1.0) -> np.ndarray:
     return np.linalg.solve(gram, e.T).astype(np.float32)
 
 
-def check_parity(ctx: RunContext, onnx_path: Path, users: np.ndarray, seen: Ragged) -> dict[str, float]:
-    """ONNX Runtime vs PyTorch on real users: max |h| and |score| differences; refuses to bundle past tolerance."""
+def check_parity(
+    ctx: RunContext, onnx_path: Path, users: np.ndarray, seen: Ragged, user_inputs: dict[str, np.ndarray]
+) -> dict[str, float]:
+    """The bundle's ONNX model on the bundle's own per-user inputs (what the service feeds) vs the recommender's
+    `represent` on the same users: max |h| and |score| differences; refuses to bundle past tolerance."""
     session = open_onnx(onnx_path)
     batch = make_batch(ctx.model, users, seen, "cpu")
-    feed = {session.get_inputs()[0].name: (batch.history if ctx.model.sequential else batch.users).numpy()}
+    feed = {name: values[users] for name, values in user_inputs.items()}
     with torch.no_grad():
         h_torch = ctx.model.represent(batch)
         s_torch = ctx.model.score(h_torch).numpy()
-    h_onnx = session.run(["h"], feed)[0]
+    h_onnx = session.run([h_output(session, onnx_path)], feed)[0]
     s_onnx = h_onnx @ ctx.model.item_embeddings().detach().numpy().T
     bias = ctx.model.item_bias()
     if bias is not None:
@@ -77,23 +93,40 @@ def check_parity(ctx: RunContext, onnx_path: Path, users: np.ndarray, seen: Ragg
     return parity
 
 
+def _imported_model(model: OnnxRecommender, seen: Ragged) -> tuple[Path, InputSpec, dict[str, np.ndarray]]:
+    """A recommender trained elsewhere is already ONNX: its own file, and every user's inputs built by its recipe
+    from the user's full history (sequence) or the user's index in the model (user_index, custom)."""
+    users = np.arange(len(seen.lengths))
+    # stored as the model declares its inputs, so the service feeds rows (and builds histories) as stored
+    user_inputs = cast_to_declared(model.contract.session, model.feed(users, [seen.row(u) for u in users]))
+    return model.onnx_path, input_spec(model.recipe, list(user_inputs)), user_inputs
+
+
+def _in_house_model(ctx: RunContext, seen: Ragged, workdir: Path) -> tuple[Path, InputSpec, dict[str, np.ndarray]]:
+    """A recommender trained here, exported to ONNX with the inputs its own batches use."""
+    model, onnx_path = ctx.model, workdir / "model.onnx"
+    if not model.sequential:
+        export_onnx(model.export_module(), torch.arange(2), "user", onnx_path)
+        return onnx_path, InputSpec("user", ["user"]), {"user": np.arange(ctx.split.n_users, dtype=np.int64)}
+    max_len, pad = model.config.max_len, model.config.n_items
+    history = pad_histories([seen.row(u) for u in range(ctx.split.n_users)], max_len, pad)
+    export_onnx(model.export_module(), torch.from_numpy(history[:2]), "history", onnx_path)
+    return onnx_path, InputSpec("history", ["history"], "history", max_len, pad), {"history": history}
+
+
 def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple[BundleContents, dict[str, float]]:
-    """Export a trained run's recommender and gather everything the bundle needs."""
+    """Gather everything the bundle needs from a run: its recommender as ONNX (exported if trained here, copied if
+    imported), per-user inputs from each user's full history, the dataset's own user and item ids, seen items."""
     model = ctx.model.cpu().eval()
     seen = full_histories(ctx)
-    onnx_path = workdir / "model.onnx"
-    if model.sequential:
-        max_len = model.config.max_len
-        history = pad_histories([seen.row(u) for u in range(ctx.split.n_users)], max_len, model.config.n_items)
-        export_onnx(model.export_module(), torch.from_numpy(history[:2]), "history", onnx_path)
-        inputs = InputSpec("history", ["history"], "history", max_len, model.config.n_items)
-        user_inputs = {"history": history}
+    imported = isinstance(model, OnnxRecommender)
+    if imported:
+        onnx_path, inputs, user_inputs = _imported_model(model, seen)
     else:
-        export_onnx(model.export_module(), torch.arange(2), "user", onnx_path)
-        inputs = InputSpec("user", ["user"])
-        user_inputs = {"user": np.arange(ctx.split.n_users, dtype=np.int64)}
+        onnx_path, inputs, user_inputs = _in_house_model(ctx, seen, workdir)
     rng = np.random.default_rng(0)
-    parity = check_parity(ctx, onnx_path, rng.choice(ctx.split.n_users, min(512, ctx.split.n_users), False), seen)
+    sample = rng.choice(ctx.split.n_users, min(512, ctx.split.n_users), False)
+    parity = check_parity(ctx, onnx_path, sample, seen, user_inputs)
     item_embeddings = model.item_embeddings().detach().numpy()
     bias = model.item_bias()
     meta = {
@@ -102,9 +135,12 @@ def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple
         "protocol": ctx.config["protocol"],
         "seed": ctx.config["seed"],
     }
-    checkpoint = RunLayout(ctx.root).recommender / MODEL_WEIGHTS
+    checkpoint = RunLayout(ctx.root).recommender_model
     if checkpoint.is_file():  # policies record the checkpoint they were made for; the service compares
         meta["recommender_sha256"] = sha256_file(checkpoint)
+    # History requests of user-embedding models are folded in; sequence models take them as they are, and custom
+    # inputs cannot be built from a history at all.
+    foldin = ridge_foldin(item_embeddings) if inputs.kind == "user" else None
     contents = BundleContents(
         onnx_path=onnx_path,
         inputs=inputs,
@@ -120,7 +156,8 @@ def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple
         sae_folder=sae_folder,
         meta=meta,
         item_bias=None if bias is None else bias.detach().numpy(),
-        foldin=None if model.sequential else ridge_foldin(item_embeddings),
+        foldin=foldin,
+        model_index=model.model_items if imported else None,
     )
     return contents, parity
 

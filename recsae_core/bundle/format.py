@@ -4,6 +4,7 @@ Layout (every file's sha256 is in manifest.json):
   manifest.json                 format, version, dataset, model type, d, n_items, inputs, SAE config, file hashes
   model.onnx                    the representation model: the recommender's own inputs -> h (dynamic batch axis)
   items.safetensors             item_embeddings (n_items, d) [+ item_bias (n_items,)] [+ foldin (d, n_items)]
+                                [+ model_index (n_items,): each item's index in the model's own id space]
   items.json                    ids, titles, genres, years, training popularity
   users.safetensors             per-user model inputs (row = user) and seen items (CSR: seen_indptr, seen_items)
   users.json                    user ids (dense index -> raw id)
@@ -25,29 +26,13 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from recsae_core.bundle.inputs import InputSpec, check_history_inputs, check_model_index
 from recsae_core.common.artifacts import atomic_folder, read_json, sha256_file, write_json
 from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import MANIFEST, SAE_FILES, bundle_files_intact
 
 FORMAT = "recsae-bundle"
 FORMAT_VERSION = 1
-INPUT_KINDS = ("user", "history", "custom")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """How the representation model is fed."""
-
-    kind: str
-    """'user' (one int64 user index), 'history' (left-padded item ids), or 'custom' (any named inputs)."""
-    names: list[str]
-    """ONNX input names, in order."""
-    history_input: str | None = None
-    """Name of the input that takes a left-padded item history (kind 'history')."""
-    max_len: int = 0
-    """History length the model was exported with (kind 'history')."""
-    pad_id: int = -1
-    """Item id used for padding (kind 'history')."""
 
 
 @dataclass
@@ -88,6 +73,8 @@ class BundleContents:
     """Optional concepts/catalog.json."""
     policy_paths: list[Path] = field(default_factory=list)
     """Optional policy JSON files."""
+    model_index: np.ndarray | None = None
+    """Optional (n_items,) int64 each item's index in the model's own id space; None: the dense item index."""
 
 
 def write_bundle(contents: BundleContents, out: Path, parity: dict[str, float] | None = None) -> dict[str, Any]:
@@ -102,6 +89,13 @@ def write_bundle(contents: BundleContents, out: Path, parity: dict[str, float] |
             raise ArtifactError(f"user input '{name}' has {len(values)} rows for {n_users} users")
     if len(c.seen[0]) != n_users + 1:
         raise ArtifactError(f"seen-items index has {len(c.seen[0]) - 1} users, expected {n_users}")
+    # The checks load_bundle makes, made before writing: a bundle is never written that would then be refused.
+    spec = InputSpec.from_manifest(c.inputs.to_manifest(), Path("bundle inputs"))
+    if missing := [name for name in spec.names if name not in c.user_inputs]:
+        raise ArtifactError(f"user inputs lack the model input(s) {missing}")
+    model_index = None if c.model_index is None else check_model_index(c.model_index, n_items, spec, "bundle items")
+    if spec.feeds_histories:
+        check_history_inputs(spec, c.user_inputs, model_index, n_items, "bundle user inputs")
     sae_cfg = read_json(c.sae_folder / "cfg.json")
     if int(sae_cfg.get("d_in", -1)) != d:
         raise ArtifactError(f"{c.sae_folder / 'cfg.json'}: SAE d_in={sae_cfg.get('d_in')} but the model's d={d}")
@@ -112,6 +106,8 @@ def write_bundle(contents: BundleContents, out: Path, parity: dict[str, float] |
             tensors["item_bias"] = np.ascontiguousarray(c.item_bias, dtype=np.float32)
         if c.foldin is not None:
             tensors["foldin"] = np.ascontiguousarray(c.foldin, dtype=np.float32)
+        if model_index is not None:
+            tensors["model_index"] = np.ascontiguousarray(model_index)
         save_file(tensors, str(tmp / "items.safetensors"))
         years = c.years.tolist() if c.years is not None else [-1] * n_items
         items = {"ids": c.item_ids, "titles": c.titles, "genres": c.genres, "years": years,
@@ -146,7 +142,7 @@ def write_bundle(contents: BundleContents, out: Path, parity: dict[str, float] |
             "d": int(d),
             "n_items": int(n_items),
             "n_users": int(n_users),
-            "inputs": c.inputs.__dict__,
+            "inputs": spec.to_manifest(),
             "sae": {k: sae_cfg.get(k) for k in ("d_in", "d_sae", "architecture", "activation_fn_kwargs")},
             "parity": parity or {},
             "provenance": {k: v for k, v in c.meta.items() if k not in ("dataset", "model")},
@@ -184,9 +180,7 @@ def verify_bundle(folder: Path) -> dict[str, Any]:
         if required not in files:
             raise ArtifactError(f"{folder / MANIFEST}: file list lacks '{required}'")
     bundle_files_intact(folder)
-    kind = manifest["inputs"].get("kind") if isinstance(manifest["inputs"], dict) else None
-    if kind not in INPUT_KINDS:
-        raise ArtifactError(f"{folder / MANIFEST}: inputs.kind {kind!r} is not one of {INPUT_KINDS}")
+    InputSpec.from_manifest(manifest["inputs"], folder / MANIFEST)
     return manifest
 
 
@@ -227,6 +221,9 @@ class Bundle:
     """The concept catalog, if bundled."""
     policies: dict[str, dict[str, Any]]
     """Policies by name."""
+    model_index: np.ndarray | None = None
+    """(n_items,) int64 each item's index in the model's own id space (what a history feeds for it); None: the
+    dense item index."""
 
     @property
     def model_path(self) -> Path:
@@ -252,7 +249,7 @@ def load_bundle(folder: Path) -> Bundle:
     """Verify and load a bundle; any inconsistency raises ArtifactError naming the file and the problem."""
     manifest = verify_bundle(folder)
     d, n_items, n_users = int(manifest["d"]), int(manifest["n_items"]), int(manifest["n_users"])
-    inputs = InputSpec(**manifest["inputs"])
+    inputs = InputSpec.from_manifest(manifest["inputs"], folder / MANIFEST)
     items_t = read_tensors(folder / "items.safetensors")
     emb = items_t.get("item_embeddings")
     if emb is None or emb.shape != (n_items, d):
@@ -265,6 +262,9 @@ def load_bundle(folder: Path) -> Bundle:
         raise ArtifactError(f"{folder / 'items.safetensors'}: item_bias has shape {bias.shape}, expected ({n_items},)")
     if foldin is not None and foldin.shape != (d, n_items):
         raise ArtifactError(f"{folder / 'items.safetensors'}: foldin has shape {foldin.shape}, expected {(d, n_items)}")
+    model_index = items_t.get("model_index")
+    if model_index is not None:
+        model_index = check_model_index(model_index, n_items, inputs, str(folder / "items.safetensors"))
     items = read_json(folder / "items.json")
     for key in ("ids", "titles", "genres", "popularity"):
         if len(items.get(key, [])) != n_items:
@@ -279,6 +279,8 @@ def load_bundle(folder: Path) -> Bundle:
     for name in inputs.names:
         if name not in users_t or len(users_t[name]) != n_users:
             raise ArtifactError(f"{folder / 'users.safetensors'}: no per-user rows for model input '{name}'")
+    if inputs.feeds_histories:
+        check_history_inputs(inputs, users_t, model_index, n_items, str(folder / "users.safetensors"))
     sae_cfg = read_json(folder / "sae" / "cfg.json")
     if int(sae_cfg.get("d_in", -1)) != d:
         raise ArtifactError(f"{folder / 'sae' / 'cfg.json'}: SAE d_in={sae_cfg.get('d_in')} but the model's d={d}")
@@ -299,4 +301,5 @@ def load_bundle(folder: Path) -> Bundle:
         seen_items=seen_items,
         catalog=catalog,
         policies=policies,
+        model_index=model_index,
     )

@@ -3,6 +3,9 @@
 The one owner of folder and file names. A run folder is:
 
     RUN/recommender/   config.json, model.safetensors, metrics.json     (train-recommender)
+                       or, for a recommender trained elsewhere (import), its contract:
+                       config.json, metrics.json, model.onnx, items.safetensors, recipe.json,
+                       item_map.csv [, user_map.csv] [, user_inputs.safetensors], data/ (the log and tables)
     RUN/probe/         meta.json, shard-*.safetensors                    (probe)
     RUN/sae/           cfg.json, sae_weights.safetensors, latent_stats.safetensors, metrics.json   (train-sae)
     RUN/concepts/      catalog.json, report.html, llm_cache/             (interpret)
@@ -26,7 +29,23 @@ from recsae_core.common.errors import ArtifactError
 CONFIG = "config.json"
 """A recommender's architecture and data context."""
 MODEL_WEIGHTS = "model.safetensors"
-"""A recommender's weights."""
+"""A recommender's weights (trained in-house)."""
+CONTRACT_ONNX = "model.onnx"
+"""An imported recommender's ONNX model, inputs -> h."""
+CONTRACT_ITEMS = "items.safetensors"
+"""An imported recommender's item matrix E (`item_embeddings`) and optional `item_bias`: scores = h E^T + b."""
+RECIPE = "recipe.json"
+"""An imported recommender's input recipe (recommenders.recipe), its maps beside it under the names below."""
+ITEM_MAP = "item_map.csv"
+"""The model's item id map: item_id,index (row of E)."""
+USER_MAP = "user_map.csv"
+"""The model's user id map: user_id,index (user_index recipes; optional for custom)."""
+USER_INPUTS = "user_inputs.safetensors"
+"""Precomputed model inputs, one row per user (custom recipes)."""
+CONTRACT_FILES = (CONTRACT_ONNX, CONTRACT_ITEMS, RECIPE, ITEM_MAP)
+"""What every imported recommender's folder holds besides config and metrics."""
+IMPORTED_DATA = "data"
+"""Folder inside an imported recommender's: copies of the interaction log and tables it was imported with."""
 METRICS = "metrics.json"
 """What a training step measured (recommender/ and sae/)."""
 PROBE_META = "meta.json"
@@ -94,13 +113,26 @@ class RunLayout:
     def policy_files(self) -> list[Path]:
         return sorted(self.policies.glob("*.json"))
 
+    @property
+    def imported_data(self) -> Path:
+        return self.recommender / IMPORTED_DATA
+
+    @property
+    def recommender_model(self) -> Path:
+        """The file that is the recommender: its weights (in-house) or its ONNX model (imported). Policies and
+        bundles record its sha256."""
+        weights = self.recommender / MODEL_WEIGHTS
+        return weights if weights.is_file() else self.recommender / CONTRACT_ONNX
+
     def recommender_complete(self) -> bool:
-        """Trained: metrics readable and weights present."""
+        """Trained or imported: metrics readable, and the weights or every contract file present."""
         try:
             read_json(self.recommender / METRICS)
         except ArtifactError:
             return False
-        return (self.recommender / MODEL_WEIGHTS).is_file()
+        if (self.recommender / MODEL_WEIGHTS).is_file():
+            return True
+        return all((self.recommender / name).is_file() for name in CONTRACT_FILES)
 
     def probe_complete(self) -> bool:
         """Probed: meta readable and every shard it lists present."""

@@ -70,3 +70,15 @@ def load_inputs(path: Path, session: ort.InferenceSession) -> dict[str, np.ndarr
     if len(set(sizes.values())) != 1 or 0 in sizes.values():
         raise ArtifactError(f"{path}: inputs must share a non-empty first axis; got {sizes}")
     return out
+
+
+def cast_to_declared(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inputs in the dtypes and ranks the model declares: a recipe builds int64 vectors, while a model may take int32,
+    or lengths as (batch, 1)."""
+    specs = {spec.name: spec for spec in session.get_inputs()}
+    out = {}
+    for name, values in feed.items():
+        spec = specs[name]
+        values = np.ascontiguousarray(values, dtype=ORT_TO_NUMPY.get(spec.type, values.dtype))
+        out[name] = values[:, None] if len(spec.shape) == 2 and values.ndim == 1 else values
+    return out

@@ -190,7 +190,7 @@ def tfidf_labels(p: Prepared, o: CatalogOptions) -> tuple[dict[int, Labelled], d
     for s in p.chosen:
         terms, columns = tfidf_terms(p.rows(s.describe), bg_mean, len(p.background), keys, o.max_terms,
                                      o.min_share)  # fmt: skip
-        label = make_tfidf_label(terms)
+        label = make_tfidf_label(terms, p.space.kinds)
         sim = Simulator(columns, [t.lift for t in terms], p.x.shape[1])
         threshold = sim.calibrate(p.rows(s.describe), p.rows(s.calibrate_neg))
         held = (s.paper_pos, s.paper_neg, s.detect_pos, s.detect_neg)
@@ -318,7 +318,7 @@ def _skew(space: TermSpace, x: sp.csr_matrix, bg_mean: np.ndarray, top1: np.ndar
                                                      "background": round(float(pct[bg_top1].mean()), 3)}}  # fmt: skip
     share = np.asarray(x.mean(axis=0)).ravel()
     offset = space.user_offset
-    for kind in ("gender", "age", "occupation"):
+    for kind in space.user_kinds:
         cols = [offset + i for i, t in enumerate(space.user_terms) if t.startswith(kind + ":")]
         if not cols:
             continue

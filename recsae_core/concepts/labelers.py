@@ -1,10 +1,11 @@
 """Labelers: a latent's describing samples -> a name, a one-sentence description and the terms behind it.
 
-- Metadata (TF-IDF) labeler, the default: every sample becomes a sparse vector of metadata terms (genres, release
-  decades and popularity bands of its recent items and of the model's top-1 item, and the user's gender / age band /
-  occupation); a latent's terms are those over-represented in its describing samples against a background sample,
-  weighted tf x log(lift) (TF-IDF with the background as the corpus). Its simulator scores any sample by the summed
-  log-lift of the label's terms present in it.
+- Metadata (TF-IDF) labeler, the default: every sample becomes a sparse vector of metadata terms (terms from the
+  item table's columns, such as genres and release decades, and popularity bands, of its recent items and of the
+  model's top-1 item; and the user table's attributes, such as gender / age band / occupation; see
+  `recsae_core.concepts.metadata_terms`); a latent's terms are those over-represented in its describing samples
+  against a background sample, weighted tf x log(lift) (TF-IDF with the background as the corpus). Its simulator
+  scores any sample by the summed log-lift of the label's terms present in it.
 
 The language-model labeler is `recsae_core.concepts.llm_labeler`.
 """
@@ -12,62 +13,22 @@ The language-model labeler is `recsae_core.concepts.llm_labeler`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
+from recsae_core.concepts.metadata_terms import BAND_WORDS, Role, item_term_groups, user_term_groups
 from recsae_core.concepts.samples import prefix_index
 from recsae_core.concepts.scoring import best_threshold
 from recsae_core.data.datasets import Dataset
 from recsae_core.data.splits import Split
 
-POP_BANDS = ("popular", "mid-popular", "niche")
-AGE_BANDS = ((18, "under 18"), (25, "18-24"), (35, "25-34"), (45, "35-44"), (50, "45-49"), (56, "50-55"))
-ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
-    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
-    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
-    "unemployed", "writer",
-)  # fmt: skip
-
-
-def age_band(age: str) -> str:
-    """ML-1M age codes and ML-100K raw ages -> the ML-1M bands ('25-34')."""
-    try:
-        value = float(age)
-    except ValueError:
-        return age.strip()
-    return next((label for bound, label in AGE_BANDS if value < bound), "56+")
-
-
-def occupation_name(code: str) -> str:
-    """ML-1M numeric occupation codes -> names; names pass through."""
-    try:
-        index = int(float(code))
-    except ValueError:
-        return code.strip()
-    return ML1M_OCCUPATIONS[index] if 0 <= index < len(ML1M_OCCUPATIONS) else code
-
-
-def popularity_bands(popularity: np.ndarray) -> np.ndarray:
-    """0 popular / 1 mid-popular / 2 niche: items holding the first, second and last third of interactions."""
-    order = np.lexsort((np.arange(len(popularity)), -popularity))
-    counts = popularity[order].astype(np.float64)
-    start = (np.cumsum(counts) - counts) / max(counts.sum(), 1)  # share of interactions held by more popular items
-    bands = np.empty(len(popularity), dtype=np.int64)
-    bands[order] = np.minimum((start * 3).astype(np.int64), 2)
-    return bands
-
-
-def _onehot(values: list[str], prefix: str) -> tuple[sp.csr_matrix, list[str]]:
-    names = sorted({v for v in values if v})
-    index = {v: i for i, v in enumerate(names)}
-    rows = [r for r, v in enumerate(values) if v]
-    cols = [index[values[r]] for r in rows]
-    matrix = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(values), len(names)))
-    return matrix, [f"{prefix}:{v}" for v in names]
+MOVIELENS_KINDS: dict[str, Role] = {"genre": "category", "decade": "era", "pop": "pop", "gender": "user",
+                                     "age": "user", "occupation": "user"}  # fmt: skip
+"""The term kinds of the MovieLens vocabulary: names and descriptions read them as they always have."""
 
 
 def _rows(matrix: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
@@ -76,12 +37,13 @@ def _rows(matrix: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
 
 @dataclass
 class TermSpace:
-    """The metadata vocabulary of a run and the per-item / per-user term matrices.
+    """The metadata vocabulary of a run and the per-item / per-user term matrices, built from whatever columns its
+    item and user tables have (`recsae_core.concepts.metadata_terms`).
 
     A sample's terms, by group (key prefix): recent items (share of the last `recent` items with each item term:
-    'genre:Horror', 'decade:1980s', 'pop:niche'), the most recent item ('last genre:Horror', 'last item:Alien
-    (1979)'), the model's top-1 item ('next genre:Horror', 'next item:...'), the history length ('history:5-19
-    items') and the user ('gender:female', 'age:25-34', 'occupation:writer')."""
+    'genre:Horror', 'decade:1980s', 'pop:niche', '<column>:<value>'), the most recent item ('last genre:Horror',
+    'last item:Alien (1979)'), the model's top-1 item ('next genre:Horror', 'next item:...'), the history length
+    ('history:5-19 items') and the user ('gender:female', 'age:25-34', 'occupation:writer', '<column>:<value>')."""
 
     item_terms: list[str]
     """Item term keys ('genre:Horror', 'decade:1980s', 'pop:niche')."""
@@ -95,6 +57,8 @@ class TermSpace:
     """(n_users, len(user_terms)) 0/1."""
     popularity_percentile: np.ndarray
     """(n_items,) share of items less popular than each item (1 = most popular)."""
+    kinds: dict[str, Role] = field(default_factory=lambda: dict(MOVIELENS_KINDS))
+    """Term kind (key prefix) -> what its terms say, for names and descriptions; user kinds in column order."""
 
     @property
     def terms(self) -> list[str]:
@@ -108,45 +72,31 @@ class TermSpace:
         """Column of the first user term in `sample_matrix`."""
         return 3 * len(self.item_terms) + len(HISTORY_BANDS_KEYS)
 
+    @property
+    def user_kinds(self) -> list[str]:
+        """The user attribute kinds ('gender', 'age', 'occupation', '<column>'), in column order."""
+        return [kind for kind, role in self.kinds.items() if role == "user"]
+
     @classmethod
     def build(cls, data: Dataset, split: Split) -> TermSpace:
         popularity = split.item_popularity()
-        meta = data.item_meta
-        genre_names = sorted({g for gs in meta.genres for g in gs})
-        gindex = {g: i for i, g in enumerate(genre_names)}
-        rows = [i for i, gs in enumerate(meta.genres) for _ in gs]
-        cols = [gindex[g] for gs in meta.genres for g in gs]
-        blocks = [sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(data.n_items, len(genre_names)))]
-        names = [f"genre:{g}" for g in genre_names]
-        decades = [f"{y // 10 * 10}s" if y > 0 else "" for y in meta.years]
-        for values, prefix in ((decades, "decade"), ([POP_BANDS[b] for b in popularity_bands(popularity)], "pop")):
-            matrix, keys = _onehot(values, prefix)
-            blocks.append(matrix)
-            names += keys
-        user_blocks, user_names = [], []
-        if data.user_meta is not None:
-            um = data.user_meta
-            gender = [{"F": "female", "M": "male"}.get(g.upper(), g.lower()) for g in um.gender]
-            for values, prefix in (
-                (gender, "gender"),
-                ([age_band(a) if a else "" for a in um.age], "age"),
-                ([occupation_name(o) if o else "" for o in um.occupation], "occupation"),
-            ):
-                matrix, keys = _onehot(values, prefix)
-                user_blocks.append(matrix)
-                user_names += keys
-        users = sp.hstack(user_blocks).tocsr() if user_blocks else sp.csr_matrix((data.n_users, 0))
+        item_groups = item_term_groups(data, popularity)
+        user_groups = user_term_groups(data, taken={g.kind for g in item_groups})
+        users = (sp.hstack([g.matrix for g in user_groups]).tocsr() if user_groups
+                 else sp.csr_matrix((data.n_users, 0)))  # fmt: skip
         ranks = np.argsort(np.argsort(popularity, kind="stable"), kind="stable")
+        meta = data.item_meta
         titles = [
             f"{t} ({y})" if y > 0 and f"({y})" not in t else t for t, y in zip(meta.titles, meta.years, strict=True)
         ]
         return cls(
-            item_terms=names,
+            item_terms=[k for g in item_groups for k in g.keys],
             item_names=[f"item:{t}" for t in titles],
-            user_terms=user_names,
-            items=sp.hstack(blocks).tocsr(),
+            user_terms=[k for g in user_groups for k in g.keys],
+            items=sp.hstack([g.matrix for g in item_groups]).tocsr(),
             users=users,
             popularity_percentile=ranks / max(len(popularity) - 1, 1),
+            kinds={g.kind: g.role for g in (*item_groups, *user_groups)},
         )
 
     def sample_matrix(
@@ -175,9 +125,18 @@ HISTORY_BANDS_KEYS = ("history:under 5 items", "history:5-19 items", "history:20
 
 
 def display(term: str) -> str:
-    """'next genre:Horror' -> 'Horror', 'age:25-34' -> 'age 25-34', 'last item:Alien (1979)' -> 'Alien (1979)'."""
+    """'next genre:Horror' -> 'Horror', 'age:25-34' -> 'age 25-34', 'last item:Alien (1979)' -> 'Alien (1979)';
+    a band of another column reads with its name ('price:high' -> 'high price'), and so does a value without
+    letters ('rating:4' -> 'rating 4')."""
     kind, _, value = term.removeprefix("next ").removeprefix("last ").partition(":")
-    return f"age {value}" if kind == "age" else value
+    if kind == "age":
+        return f"age {value}"
+    if kind in MOVIELENS_KINDS or kind in ("item", "history"):
+        return value
+    words = kind.replace("_", " ")
+    if value in BAND_WORDS:
+        return f"{value} {words}"
+    return value if re.search(r"[^\W\d_]", value) else f"{words} {value}"
 
 
 def slug(text: str) -> str:
@@ -239,9 +198,10 @@ def _word(term: str) -> str:
     return slug(text)
 
 
-def make_tfidf_label(terms: list[Term]) -> TfidfLabel:
+def make_tfidf_label(terms: list[Term], kinds: Mapping[str, Role] | None = None) -> TfidfLabel:
     """Name from the two strongest distinct category words (genre, decade, popularity, history length, user group),
-    completed with an item title when there are fewer; and a one-sentence description."""
+    completed with an item title when there are fewer; and a one-sentence description. `kinds`: the term space's
+    (MovieLens kinds when not given)."""
     words: list[str] = []
     by_kind = sorted(terms, key=lambda t: t.term.split(":")[0].endswith("item"))  # stable: categories first
     for t in by_kind:
@@ -250,33 +210,51 @@ def make_tfidf_label(terms: list[Term]) -> TfidfLabel:
             words.append(word)
     name = "-".join(words[:2]) or "unlabelled"
     longer = tuple("-".join(words[:n]) for n in range(3, min(len(words), 4) + 1))
-    return TfidfLabel(name, describe_terms([t.term for t in terms]), terms, longer)
+    return TfidfLabel(name, describe_terms([t.term for t in terms], kinds), terms, longer)
 
 
 def _join(values: list[str], word: str = "and") -> str:
     return values[0] if len(values) == 1 else ", ".join(values[:-1]) + f" {word} " + values[-1]
 
 
-def _phrase(keys: list[str], prefix: str) -> str:
+def _role(key: str, prefix: str, kinds: Mapping[str, Role]) -> str | None:
+    """The role of a term key seen from one group ('' recent items, 'last ', 'next '); None outside the group."""
+    if not key.startswith(prefix) or (not prefix and key.startswith(("last ", "next "))):
+        return None
+    kind = key.removeprefix(prefix).split(":")[0]
+    return "item" if kind == "item" else kinds.get(kind)
+
+
+def _phrase(keys: list[str], prefix: str, kinds: Mapping[str, Role]) -> str:
     """'niche Horror titles from the 1980s (e.g. Alien (1979))' for one group of terms; '' if none."""
 
-    def pick(kind: str) -> list[str]:
-        return [display(k) for k in keys if k.startswith(f"{prefix}{kind}:")]
+    def pick(role: str) -> list[str]:
+        return [display(k) for k in keys if _role(k, prefix, kinds) == role]
 
-    genres, decades, pops, items = pick("genre"), pick("decade"), pick("pop"), pick("item")
-    kinds = [_join(pops, "or") if pops else "", _join(genres, "or") if genres else ""]
-    what = " ".join(filter(None, kinds))
-    era = f" from the {_join(decades, 'or')}" if decades else ""
+    categories, eras, pops, measures, items = (pick(r) for r in ("category", "era", "pop", "measure", "item"))
+    what = " ".join(_join(v, "or") for v in (pops, categories) if v)
+    era = f" from the {_join(eras, 'or')}" if eras else ""
+    era += f" with {_join(measures, 'or')}" if measures else ""
     if not what and not era:
         return _join(items[:2], "or") if items else ""
     example = f" (e.g. {_join(items[:2])})" if items else ""
     return f"{what or 'titles'}{' titles' if what else ''}{era}{example}"
 
 
-def describe_terms(keys: list[str]) -> str:
+def _person(key: str) -> str:
+    """A user term as it reads after 'users skew': 'female', 'age 25-34', 'plan premium', 'high income'."""
+    kind, _, value = key.partition(":")
+    if kind in MOVIELENS_KINDS or value in BAND_WORDS:
+        return display(key)
+    return f"{kind.replace('_', ' ')} {value}"
+
+
+def describe_terms(keys: list[str], kinds: Mapping[str, Role] | None = None) -> str:
     """One readable sentence from term keys, e.g. 'After niche Horror titles from the 1980s (e.g. Alien (1979)), the
-    model recommends Horror titles next; users skew female.'"""
-    last, recent, after = _phrase(keys, "last "), _phrase(keys, ""), _phrase(keys, "next ")
+    model recommends Horror titles next; users skew female.' `kinds`: what each key prefix says (MovieLens kinds
+    when not given)."""
+    kinds = MOVIELENS_KINDS if kinds is None else kinds
+    last, recent, after = (_phrase(keys, p, kinds) for p in ("last ", "", "next "))
     before = " and ".join(filter(None, [f"after {last}" if last else "", f"with recent items mostly {recent}"
                                                                                 if recent else ""]))  # fmt: skip
     if after:
@@ -285,7 +263,7 @@ def describe_terms(keys: list[str]) -> str:
         sentence = f"fires {before}" if before else ""
     extras = [f"histories of {_join([display(k) for k in keys if k.startswith('history:')], 'or')}"] if any(
         k.startswith("history:") for k in keys) else []  # fmt: skip
-    people = [display(k) for k in keys if k.split(":")[0] in ("gender", "age", "occupation")]
+    people = [_person(k) for k in keys if _role(k, "", kinds) == "user"]
     if people:
         extras.append(f"users skew {_join(people)}")
     sentence = "; ".join(filter(None, [sentence, *extras]))

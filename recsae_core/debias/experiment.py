@@ -1,5 +1,6 @@
 """`recsae debias`: sweep the steering policy and the baselines, pick the operating point on validation, write
-RUN_DIR/debias/<target>.json, RUN_DIR/debias/report.html and RUN_DIR/policies/<target>.json."""
+RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and RUN_DIR/policies/<name>.json, where <name> is the
+target's file name (`recsae_core.debias.targets`: 'popularity', 'gender', 'attribute-occupation-student')."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from recsae_core.debias.report import write_report
 from recsae_core.debias.rerank import cohens_d, popsteer_transform, popularity_penalty, xquad
 from recsae_core.debias.screen import (
     POLICY,
-    TARGETS,
     Evaluator,
     K,
     find_latents,
@@ -35,6 +35,7 @@ from recsae_core.debias.screen import (
     rel_loss,
     stage_data,
 )
+from recsae_core.debias.targets import Target, parse_target, user_groups
 from recsae_core.recommenders.evaluate import make_batch
 from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.model import TopKSAE
@@ -82,10 +83,11 @@ def _point(method: str, strength: float, dev: dict, test: dict, original: dict, 
             "dev_ndcg_rel_loss": round(rel_loss(dev["metrics"], original["dev"]), 6)}  # fmt: skip
 
 
-def pick(points: list[dict], method: str, target: str, budget: float, original_dev: dict) -> dict | None:
-    """The method's point with the lowest dev bias objective within the dev NDCG budget (gender: gap not wider)."""
+def pick(points: list[dict], method: str, target: Target, budget: float, original_dev: dict) -> dict | None:
+    """The method's point with the lowest dev bias objective within the dev NDCG budget (fairness targets: the dev
+    NDCG gap no wider than the original's)."""
     ok = [p for p in points if p["method"] == method and p["dev_ndcg_rel_loss"] <= budget]
-    if target == "gender":
+    if target.fairness:
         ok = [p for p in ok if p["dev_metrics"]["ndcg_gap"] <= original_dev["ndcg_gap"] + 1e-12]
     return min(ok, key=lambda p: objective(p["dev_metrics"], target), default=None)
 
@@ -114,13 +116,13 @@ def run_debias(
     run_dir: Path, target: str, budget: float = 0.02, fdr: float = 0.05, max_candidates: int = 24,
     progress: bool = True, log: Callable[[str], None] = print, strengths: Sequence[float] = STRENGTHS,
 ) -> dict[str, Any]:  # fmt: skip
-    """See recsae_core.debias.debias."""
-    if target not in TARGETS:
-        raise ConfigError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
+    """See recsae_core.debias.experiment.debias."""
+    parsed = parse_target(target)
     if not 0 < budget < 1:
         raise ConfigError(f"--budget must be in (0, 1), got {budget}")
     started = time.perf_counter()
     ctx = load_run(run_dir)
+    groups = user_groups(ctx.dataset, parsed) if parsed.fairness else None  # refuse before any heavy work
     ctx.model.eval()
     layout = RunLayout(run_dir)
     sae = TopKSAE.load(layout.sae).eval()
@@ -128,17 +130,17 @@ def run_debias(
     runtime = SAERuntime.from_model(sae, stats)
     popularity = ctx.split.item_popularity().astype(np.float64)
     head = head_mask(popularity)
-    gender = target == "gender"
-    dev = Evaluator(ctx, stage_data(ctx, "valid", gender), popularity, head)
-    test = Evaluator(ctx, stage_data(ctx, "test", gender), popularity, head)
+    fair = parsed.fairness
+    dev = Evaluator(ctx, stage_data(ctx, "valid", groups, parsed), popularity, head)
+    test = Evaluator(ctx, stage_data(ctx, "test", groups, parsed), popularity, head)
     original = {"dev": dev.steer(None), "test": test.steer(None)}
     log(f"original test metrics: {original['test']}")
-    assoc, candidates = find_latents(dev, runtime, target, original["dev"], fdr, max_candidates, progress=progress)
+    assoc, candidates = find_latents(dev, runtime, parsed, original["dev"], fdr, max_candidates, progress=progress)
     log(f"{int(assoc.significant.sum())} latents pass BH at FDR {fdr}; {len(candidates)} reduce the bias on dev")
 
     jobs: list[tuple[str, float, dict, Callable[[Evaluator], np.ndarray]]] = []
     families = {"screened": candidates}
-    if gender:
+    if fair:
         families["gap-safe"] = [c for c in candidates if c.gap_change <= 0]
         for weighting in ("screened", "gap-safe"):
             family = families[weighting]
@@ -168,36 +170,37 @@ def run_debias(
         dev_m, test_m = {"metrics": dev.metrics(lists(dev))}, {"metrics": test.metrics(lists(test))}
         points.append(_point(method, strength, dev_m, test_m, original, **extra))
 
-    chosen_point = pick(points, POLICY, target, budget, original["dev"])
+    chosen_point = pick(points, POLICY, parsed, budget, original["dev"])
     chosen: dict[str, Any] = {"policy": None, "strength": None, "metrics": None, "ndcg_rel_loss": None}
-    policy_path = RunLayout(run_dir).policy(target)
+    policy_path = RunLayout(run_dir).policy(parsed.name)
     if chosen_point is not None:
         n, s = chosen_point["n_latents"], chosen_point["strength"]
         weighting = chosen_point["weighting"]
         family = families[f"fit{n}" if weighting == "fit" else weighting]
-        edits = policy_edits(family, n, 1.0 if gender else s)
-        doc = policy_document(ctx, target, edits, s, n, budget, chosen_point["dev_metrics"], policy_path, weighting)
+        edits = policy_edits(family, n, 1.0 if fair else s)
+        doc = policy_document(ctx, parsed, edits, s, n, budget, chosen_point["dev_metrics"], policy_path, weighting)
         write_json(policy_path, doc)
-        chosen = {"policy": target, "version": doc["version"], "strength": s, "n_latents": n,
+        chosen = {"policy": parsed.name, "version": doc["version"], "strength": s, "n_latents": n,
                   "weighting": chosen_point["weighting"], "edits": doc["edits"], "metrics": chosen_point["metrics"],
                   "ndcg_rel_loss": chosen_point["ndcg_rel_loss"], "dev_metrics": chosen_point["dev_metrics"],
                   "dev_ndcg_rel_loss": chosen_point["dev_ndcg_rel_loss"], "policy_file": str(policy_path)}  # fmt: skip
         log(f"chosen: {n} latents at strength {s}: {chosen_point['metrics']}")
     else:
-        why = " with the NDCG gap no wider than the original's" if target == "gender" else ""
+        why = " with the NDCG gap no wider than the original's" if fair else ""
         log(f"no policy point stays within {budget:.1%} relative NDCG@{K} loss on dev{why}; no policy written")
     baselines = {}
-    for method in ("popularity-penalty", "xquad", "popsteer") if not gender else ():
-        best = pick(points, method, target, budget, original["dev"])
+    for method in ("popularity-penalty", "xquad", "popsteer") if not fair else ():
+        best = pick(points, method, parsed, budget, original["dev"])
         baselines[method] = (
             None
             if best is None
             else {"strength": best["strength"], "metrics": best["metrics"], "ndcg_rel_loss": best["ndcg_rel_loss"]}
         )
     metrics = [f"arp@{K}", f"tail_share@{K}", f"gini@{K}", f"coverage@{K}"]
-    metrics = ["leakage_distance", "ndcg_gap"] if gender else metrics
+    metrics = ["leakage_distance", "ndcg_gap"] if fair else metrics
     result = {
         "target": target,
+        "name": parsed.name,
         "run": str(run_dir),
         "budget": budget,
         "selection": f"latents, strength and baseline points chosen on the validation stage; metrics are test; "
@@ -216,7 +219,7 @@ def run_debias(
                     "bias_drop": round(c.bias_drop, 6),
                     "ndcg_loss": round(c.ndcg_loss, 6),
                     "efficiency": round(c.efficiency, 6),
-                    **({"gap_change": round(c.gap_change, 6)} if gender else {}),
+                    **({"gap_change": round(c.gap_change, 6)} if fair else {}),
                     "cohens_d": round(float(assoc.d[c.latent]), 6),
                     "p": float(assoc.p[c.latent]),
                 }
@@ -229,8 +232,12 @@ def run_debias(
         "baselines_at_budget": baselines,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if groups is not None:
+        result["groups"] = {"column": parsed.column, "group": groups.label, "rest": groups.rest,
+                            "users": {stage: {"group": int(ev.data.group.sum()), "rest": int((~ev.data.group).sum())}
+                                      for stage, ev in (("dev", dev), ("test", test))}}  # fmt: skip
     out = RunLayout(run_dir).debias
-    write_json(out / f"{target}.json", result)
+    write_json(out / f"{parsed.name}.json", result)
     write_report(out)
     return result
 
@@ -261,8 +268,11 @@ def debias(
     progress: bool = True, log: Callable[[str], None] = print, strengths: Sequence[float] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Find the latents behind `target`'s bias, sweep the policy and the baselines, choose on validation within
-    `budget` relative NDCG@10 loss, and write RUN_DIR/debias/<target>.json, RUN_DIR/debias/report.html and
-    RUN_DIR/policies/<target>.json (the last only when a point fits the budget). Returns the report dict."""
+    `budget` relative NDCG@10 loss, and write RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and
+    RUN_DIR/policies/<name>.json (the last only when a point fits the budget). Returns the report dict.
+
+    `target`: 'popularity', 'gender' or 'attribute:COLUMN=VALUE' (see `recsae_core.debias.targets`); <name> is
+    its file name."""
     from recsae_core.debias.experiment import STRENGTHS, run_debias
 
     return run_debias(run_dir, target, budget, fdr, max_candidates, progress, log, strengths or STRENGTHS)

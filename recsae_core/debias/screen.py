@@ -9,10 +9,11 @@ Policy families and what "strength" means:
 - popularity: nudges in std units on the n best-screened latents, either each latent's own screened direction
   (+-1 std, "screened") or least-squares weights that make the nudges act like a popularity penalty ("fit");
   strength multiplies every value. The sweep covers n and strength.
-- gender: each of the n best-screened latents is pinned at its dev mean (std units), which removes that latent's
-  variation across users (and so its gender signal) without shifting the average h; strength = n. A second family
-  ("gap-safe") takes only the latents whose pin alone did not widen the dev NDCG gap, because the operating point
-  must not widen it and pins that each widen it rarely add up to one that does not.
+- gender and any user attribute (`recsae_core.debias.targets`): each of the n best-screened latents is pinned at
+  its dev mean (std units), which removes that latent's variation across users (and so its signal about the
+  group) without shifting the average h; strength = n. A second family ("gap-safe") takes only the latents whose
+  pin alone did not widen the dev NDCG gap, because the operating point must not widen it and pins that each widen
+  it rarely add up to one that does not.
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ from tqdm.auto import tqdm
 
 from recsae_core.common.artifacts import read_json, sha256_file
 from recsae_core.common.errors import ConfigError
-from recsae_core.common.layout import MODEL_WEIGHTS, SAE_WEIGHTS, RunLayout
+from recsae_core.common.layout import SAE_WEIGHTS, RunLayout
 from recsae_core.data.splits import Stage
-from recsae_core.debias.bias_metrics import leakage_auc, ndcg_at_k, ndcg_gap, popularity_metrics
+from recsae_core.debias.bias_metrics import group_ndcg, leakage_auc, ndcg_at_k, popularity_metrics
 from recsae_core.debias.rerank import cohens_d
+from recsae_core.debias.targets import Groups, Target
 from recsae_core.recommenders.evaluate import make_batch, mask_seen
 from recsae_core.recommenders.run import RunContext
 from recsae_core.sae.edits import Edit, EditBounds, validate_edits
 from recsae_core.sae.runtime import SAERuntime
 
-TARGETS = ("popularity", "gender")
 K = 10
+MIN_GROUP_USERS = 5
+"""Users each group needs at a stage: the leakage AUC is cross-validated over 5 stratified folds."""
 
 
 @dataclass
@@ -58,17 +61,17 @@ class StageData:
     """(users, n_items) unedited scores, seen items at -inf."""
     targets: list[np.ndarray]
     """Each user's target items."""
-    female: np.ndarray | None
-    """Boolean per user (gender target only)."""
+    group: np.ndarray | None
+    """Boolean per user: in the target's group (female users for gender); fairness targets only."""
     history_auc: float | None
-    """Leakage AUC of the users' own histories (gender target only)."""
+    """Leakage AUC of the users' own histories (fairness targets only)."""
 
 
 class LatentAssociation(NamedTuple):
     """Association of every latent with the bias, on the dev stage."""
 
     d: np.ndarray
-    """(n_latents,) Cohen's d, group a (popular lists / female users) minus group b."""
+    """(n_latents,) Cohen's d, group a (popular lists / the target's group of users) minus group b."""
     p: np.ndarray
     """(n_latents,) Welch t-test p-values (1 for latents constant in both groups)."""
     significant: np.ndarray
@@ -89,7 +92,7 @@ class Candidate(NamedTuple):
     efficiency: float
     """bias_drop / max(ndcg_loss, floor)."""
     gap_change: float = 0.0
-    """Change of the dev NDCG@10 gap between female and male users (gender; 0 for popularity)."""
+    """Change of the dev NDCG@10 gap between the two groups of users (fairness targets; 0 for popularity)."""
 
 
 def benjamini_hochberg(p: np.ndarray, q: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
@@ -124,28 +127,38 @@ def associate(z: np.ndarray, group_a: np.ndarray, group_b: np.ndarray, q: float 
 
 
 @torch.no_grad()
-def stage_data(ctx: RunContext, stage: Stage, gender: bool, batch_size: int = 1024) -> StageData:
+def stage_data(
+    ctx: RunContext, stage: Stage, groups: Groups | None = None, target: Target | None = None, batch_size: int = 1024
+) -> StageData:
+    """A stage's users, their unedited h and scores; with `groups` (a fairness target), only the users in one of
+    the two groups, refused when a group has fewer than `MIN_GROUP_USERS` of them."""
     seen, targets = ctx.split.seen(stage), ctx.split.targets(stage)
     users = np.flatnonzero(targets.lengths > 0)
+    keep = np.ones(len(users), dtype=bool) if groups is None else groups.known[users]
+    if groups is not None:
+        member = groups.member[users[keep]]
+        sizes = {groups.label: int(member.sum()), groups.rest: int((~member).sum())}
+        if min(sizes.values()) < MIN_GROUP_USERS:
+            spec = target.spec if target is not None else groups.label
+            counts = ", ".join(f"{n} with {label}" for label, n in sizes.items())
+            raise ConfigError(f"target '{spec}': too few {stage} users to measure it ({counts}); each group needs "
+                              f"at least {MIN_GROUP_USERS}")  # fmt: skip
     hs, scores = [], []
+    # Every user with targets is represented in the same batches whatever the target, and the group's users are
+    # taken afterwards, so a user's h and scores do not depend on which target is measured.
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
         h = ctx.model.represent(make_batch(ctx.model, chunk, seen, "cpu"))
         hs.append(h)
         scores.append(mask_seen(ctx.model.score(h).float(), chunk, seen))
-    female, history_auc = None, None
-    if gender:
-        meta = ctx.dataset.user_meta
-        if meta is None or getattr(meta, "gender", None) is None:
-            raise ConfigError(f"dataset '{ctx.config.get('dataset')}' has no user gender; --target gender needs it")
-        genders = np.asarray(meta.gender, dtype=object)[users]
-        keep = np.isin(genders, ["M", "F"])
-        users = users[keep]
-        hs, scores = [torch.cat(hs)[torch.as_tensor(keep)]], [torch.cat(scores)[torch.as_tensor(keep)]]
-        female = genders[keep] == "F"
-        history_auc = leakage_auc([seen.row(u) for u in users], female, ctx.split.n_items)
-    return StageData(stage, users, torch.cat(hs), torch.cat(scores), [targets.row(u) for u in users], female,
-                     history_auc)  # fmt: skip
+    h_all, scores_all, users = torch.cat(hs), torch.cat(scores), users[keep]
+    if groups is not None:
+        h_all, scores_all = h_all[torch.as_tensor(keep)], scores_all[torch.as_tensor(keep)]
+    group, history_auc = None, None
+    if groups is not None:
+        group = groups.member[users]
+        history_auc = leakage_auc([seen.row(u) for u in users], group, ctx.split.n_items)
+    return StageData(stage, users, h_all, scores_all, [targets.row(u) for u in users], group, history_auc)
 
 
 class Evaluator:
@@ -165,10 +178,12 @@ class Evaluator:
     def metrics(self, topk: np.ndarray) -> dict[str, float]:
         ndcg = ndcg_at_k(topk, self.data.targets)
         out = {f"ndcg@{K}": float(ndcg.mean()), **popularity_metrics(topk, self.popularity, self.head)}
-        if self.data.female is not None:
-            out["leakage_auc"] = leakage_auc(topk, self.data.female, self.ctx.split.n_items)
+        if self.data.group is not None:
+            inside, outside = group_ndcg(ndcg, self.data.group)
+            out["leakage_auc"] = leakage_auc(topk, self.data.group, self.ctx.split.n_items)
             out["history_leakage_auc"] = float(self.data.history_auc)
-            out["ndcg_gap"] = ndcg_gap(ndcg, self.data.female)
+            out["ndcg_gap"] = abs(inside - outside)
+            out[f"group_ndcg@{K}"], out[f"rest_ndcg@{K}"] = inside, outside
         return {k: round(v, 6) for k, v in out.items()}
 
     def steer(self, transform: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
@@ -189,9 +204,9 @@ def policy_transform(sae: SAERuntime, edits: Sequence[Edit]) -> Callable[[Tensor
     return steer
 
 
-def objective(metrics: dict[str, float], target: str) -> float:
-    """The bias number a target minimises: ARP@10, or the leakage AUC's distance from 0.5."""
-    return metrics[f"arp@{K}"] if target == "popularity" else abs(metrics["leakage_auc"] - 0.5)
+def objective(metrics: dict[str, float], target: Target) -> float:
+    """The bias number a target minimises: ARP@10, or the leakage AUC's distance from 0.5 (fairness targets)."""
+    return abs(metrics["leakage_auc"] - 0.5) if target.fairness else metrics[f"arp@{K}"]
 
 
 def rel_loss(metrics: dict[str, float], original: dict[str, float]) -> float:
@@ -202,26 +217,27 @@ def rel_loss(metrics: dict[str, float], original: dict[str, float]) -> float:
 # ---------------------------------------------------------------- latent finding
 
 
-def contrast_groups(ev: Evaluator, target: str) -> tuple[np.ndarray, np.ndarray]:
-    """Popularity: users whose original top-10 ARP is in the top vs bottom quartile. Gender: female vs male."""
-    if target == "gender":
-        return ev.data.female, ~ev.data.female
+def contrast_groups(ev: Evaluator, target: Target) -> tuple[np.ndarray, np.ndarray]:
+    """Popularity: users whose original top-10 ARP is in the top vs bottom quartile. Fairness targets: the group
+    (female users, for gender) vs the other users."""
+    if target.fairness and ev.data.group is not None:
+        return ev.data.group, ~ev.data.group
     topk = ev.data.scores.topk(K, dim=1).indices.numpy()
     arp = ev.popularity[topk].mean(axis=1)
     low, high = np.quantile(arp, [0.25, 0.75])
     return arp >= high, arp <= low
 
 
-def screen_edits(latent: int, d: float, target: str, mean_std: float) -> list[Edit]:
+def screen_edits(latent: int, d: float, target: Target, mean_std: float) -> list[Edit]:
     """Unit-strength edits tried for a candidate: both nudge directions (popularity), or pinning the latent at
-    its dev mean, in std units (gender: removes the latent's variation across users)."""
-    if target == "popularity":
+    its dev mean, in std units (fairness targets: removes the latent's variation across users)."""
+    if not target.fairness:
         return [Edit(latent, "nudge", -1.0, "std"), Edit(latent, "nudge", 1.0, "std")]
     return [Edit(latent, "pin", round(mean_std, 6), "std")]
 
 
 def find_latents(
-    ev: Evaluator, sae: SAERuntime, target: str, original: dict[str, float], q: float = 0.05,
+    ev: Evaluator, sae: SAERuntime, target: Target, original: dict[str, float], q: float = 0.05,
     max_candidates: int = 24, loss_floor: float = 0.005, progress: bool = True,
 ) -> tuple[LatentAssociation, list[Candidate]]:  # fmt: skip
     """BH-controlled association on dev, then the causal screen of the strongest discoveries, ranked by bias
@@ -234,15 +250,15 @@ def find_latents(
     found = found[np.argsort(-np.abs(assoc.d[found]))][:max_candidates]
     base = objective(original, target)
     candidates: list[Candidate] = []
-    for latent in tqdm(found, desc=f"causal screen ({target})", disable=not progress):
+    for latent in tqdm(found, desc=f"causal screen ({target.spec})", disable=not progress):
         mean_std = float(z[:, latent].mean() / std[latent])
         best: Candidate | None = None
         for edit in screen_edits(int(latent), float(assoc.d[latent]), target, mean_std):
             metrics = ev.steer(policy_transform(sae, [edit]))
             drop = base - objective(metrics, target)
-            drop = drop / base if target == "popularity" and base > 0 else drop
+            drop = drop / base if not target.fairness and base > 0 else drop
             loss = rel_loss(metrics, original)
-            gap = metrics["ndcg_gap"] - original["ndcg_gap"] if target == "gender" else 0.0
+            gap = metrics["ndcg_gap"] - original["ndcg_gap"] if target.fairness else 0.0
             cand = Candidate(int(latent), edit, drop, loss, drop / max(loss, loss_floor), gap)
             if best is None or cand.efficiency > best.efficiency:
                 best = cand
@@ -287,21 +303,23 @@ def policy_edits(candidates: Sequence[Candidate], n_latents: int, strength: floa
 
 
 def made_for(ctx: RunContext) -> dict[str, Any]:
-    """The model and SAE a policy was made for (compared by the service against the bundle it loads)."""
-
+    """The model and SAE a policy was made for (compared by the service against the bundle it loads): the
+    recommender's file (weights, or the imported ONNX model) is hashed as the bundle export hashes it."""
+    recommender = RunLayout(ctx.root).recommender_model
     return {
         "dataset": ctx.config.get("dataset"),
         "model_type": ctx.model.name,
-        "recommender_sha256": sha256_file(RunLayout(ctx.root).recommender / MODEL_WEIGHTS),
+        "recommender_sha256": sha256_file(recommender) if recommender.is_file() else None,
         "sae_sha256": sha256_file(RunLayout(ctx.root).sae / SAE_WEIGHTS),
     }
 
 
 def policy_document(
-    ctx: RunContext, target: str, edits: Sequence[Edit], strength: float, n_latents: int, budget: float,
+    ctx: RunContext, target: Target, edits: Sequence[Edit], strength: float, n_latents: int, budget: float,
     dev_metrics: dict[str, float], previous: Path | None = None, family: str = "screened",
 ) -> dict[str, Any]:  # fmt: skip
-    """The JSON the service reads (description + edits) with target, strength, version and provenance."""
+    """The JSON the service reads (description + edits) with target, strength, version and provenance; named
+    after the target's file name ('popularity', 'gender', 'attribute-occupation-student')."""
     version = 1
     if previous is not None and previous.is_file():
         try:
@@ -310,11 +328,11 @@ def policy_document(
             version = 1
     body = [{"latent": e.latent, "op": e.op, "value": e.value, "unit": e.unit} for e in edits]
     return {
-        "name": target,
+        "name": target.name,
         "version": version,
-        "description": f"{target} de-biasing: {len(body)} SAE latent edits ({family}) at strength {strength:g}, "
-        f"chosen on validation within {budget:.1%} relative NDCG@{K} loss",
-        "target": target,
+        "description": f"{target.spec} de-biasing: {len(body)} SAE latent edits ({family}) at strength "
+        f"{strength:g}, chosen on validation within {budget:.1%} relative NDCG@{K} loss",
+        "target": target.spec,
         "strength": strength,
         "n_latents": n_latents,
         "family": family,

@@ -43,11 +43,46 @@ IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work")
 """bundle options that only apply with --import-onnx."""
 
 
-def add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
-    p.add_argument("--model", required=True, choices=["bprmf", "lightgcn", "sasrec"])
-    p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"])
+PROTOCOL_HELP = (
+    "recbole: leave-one-out by time for sequential models, per-user random 8:1:1 otherwise; loo: always "
+    "leave-one-out (default: recbole)"
+)
+
+
+def add_train_options(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--dataset", required=required, help="ml-100k, ml-1m, or a folder of RecBole atomic files")
+    p.add_argument("--model", required=required, choices=["bprmf", "lightgcn", "sasrec"])
+    p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"], action=Typed, help=PROTOCOL_HELP)
     TRAIN_OPTIONS.add_to(p)
+
+
+def add_import_options(p: argparse.ArgumentParser) -> None:
+    """`recsae import`'s options: the contract, the data as users have it, and the run it is written into."""
+    p.add_argument("--onnx", required=True, type=Path, metavar="MODEL.onnx", help="the model: its inputs -> h")
+    p.add_argument("--item-embeddings", required=True, type=Path, metavar="E.safetensors",
+                   help="tensor item_embeddings (n, d) and optional item_bias (n,): scores = h E^T + b")  # fmt: skip
+    p.add_argument("--recipe", required=True, type=Path, metavar="RECIPE.json",
+                   help="how a user's model inputs are built: kind sequence, user_index or custom, input names, id "
+                   "maps (paths relative to the recipe)")  # fmt: skip
+    p.add_argument("--interactions", required=True, type=Path, metavar="INTER",
+                   help="interaction log: RecBole .inter, or CSV: user_id,item_id[,timestamp][,rating]")  # fmt: skip
+    p.add_argument(
+        "--items",
+        type=Path,
+        metavar="ITEMS",
+        help="item table (RecBole .item or CSV, any columns): what the concept catalog names latents by",
+    )
+    p.add_argument(
+        "--users",
+        type=Path,
+        metavar="USERS",
+        help="user table (RecBole .user or CSV): attributes for fairness targets such as gender",
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR", help="new run folder (RUN_DIR/recommender)")
+    p.add_argument("--name", help="dataset name recorded in the run (default: the interactions file's name)")
+    p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"], help=PROTOCOL_HELP)
+    p.add_argument("--seed", type=non_negative_int, default=TrainConfig.seed,
+                   help=f"seed of the split every later step evaluates on (default: {TrainConfig.seed})")  # fmt: skip
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -73,7 +108,11 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     bundle = sub.add_parser("bundle", help="write the verified bundle the service loads")
     bundle.add_argument("--run", type=Path, help="run folder (recommender + SAE) to bundle")
     bundle.add_argument("--out", type=Path, help="bundle folder (default RUN_DIR/bundle)")
-    bundle.add_argument("--import-onnx", type=Path, metavar="MODEL.onnx", help="wrap a recommender we did not train")
+    bundle.add_argument(
+        "--import-onnx", type=Path, metavar="MODEL.onnx",
+        help="wrap a recommender we did not train into a bare SAE bundle, without interactions or metadata ('recsae "
+        "import' then 'recsae pipeline --run' gives it the whole pipeline: ids, seen items, catalog, policies)",
+    )  # fmt: skip
     # The options below apply to --import-onnx only; Typed records them so that --run can refuse them.
     bundle.add_argument(
         "--item-embeddings", type=Path, action=Typed, help="safetensors with item_embeddings (n_items, d)"
@@ -120,9 +159,19 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     )
     interpret.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    pipe = sub.add_parser("pipeline", help="run every offline step in order, skipping finished ones")
-    add_train_options(pipe)
-    pipe.add_argument("--out", required=True, type=Path, help="run folder")
+    imp = sub.add_parser("import", help="wrap a recommender trained elsewhere (ONNX model, item matrix, input "
+                         "recipe) with its interaction log and tables into a run folder")  # fmt: skip
+    add_import_options(imp)
+
+    pipe = sub.add_parser(
+        "pipeline",
+        help="run every offline step in order, skipping finished ones: train --model on --dataset into --out, or "
+        "continue an existing run (trained or imported) with --run",
+    )
+    pipe.add_argument("--run", type=Path, help="an existing run folder with a recommender (trained, or from 'recsae "
+                      "import'): run probe -> sae -> concepts -> bundle on it")  # fmt: skip
+    add_train_options(pipe, required=False)
+    pipe.add_argument("--out", type=Path, help="run folder to train into (with --dataset and --model)")
     pipe.add_argument("--force", action="store_true", help="redo every step")
     PIPELINE_SAE_OPTIONS.add_to(pipe)
     sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
@@ -134,7 +183,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
 
     deb = sub.add_parser("debias", help="find bias latents, sweep a steering policy against baselines, save it")
     deb.add_argument("--run", required=True, type=Path, help="run folder with recommender + SAE")
-    deb.add_argument("--target", required=True, choices=["popularity", "gender"])
+    deb.add_argument("--target", required=True, help="popularity, gender or attribute:COLUMN=VALUE (VALUE vs the rest)")
     deb.add_argument("--budget", type=positive_float, default=0.02, help="max relative NDCG@10 loss (validation)")
     deb.add_argument("--fdr", type=positive_float, default=0.05, help="Benjamini-Hochberg false discovery rate")
     deb.add_argument("--candidates", type=positive_int, default=24, help="discoveries the causal screen tests")
@@ -267,14 +316,47 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    from recsae_core.recommenders.imported import import_step
+
+    metrics = import_step(
+        args.out, args.onnx, args.item_embeddings, args.recipe, args.interactions, items=args.items, users=args.users,
+        name=args.name, protocol=args.protocol, seed=args.seed,
+    )  # fmt: skip
+    keys = ("dataset", "recipe", "protocol", "n_users", "n_items", "n_interactions", "import", "import_seconds")
+    summary = {"run": str(args.out), **{k: metrics[k] for k in keys}}
+    summary["test"] = {k: v for k, v in metrics["test"].items() if k.endswith("@10")}
+    print(json.dumps(summary))
+    return 0
+
+
+TRAINING_ONLY = TRAIN_OPTIONS.without("device", "progress")
+"""The pipeline's training options that do not apply to an existing run (--device and --quiet also drive its SAE)."""
+
+
 @command("pipeline")
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from recsae_core.pipeline.steps import run_pipeline
+    from recsae_core.pipeline.steps import pipeline_on_run, run_pipeline
 
+    new = {"--dataset": args.dataset, "--model": args.model, "--out": args.out}
+    if args.run is not None:
+        given = [flag for flag, value in new.items() if value is not None]
+        given += ["--protocol"] * ("protocol" in typed(args)) + TRAINING_ONLY.typed(args)
+        if given:
+            verb = "does" if len(given) == 1 else "do"
+            raise ConfigError(f"{', '.join(given)} {verb} not apply with --run: its recommender is already trained "
+                              "or imported")  # fmt: skip
+    elif missing := [flag for flag, value in new.items() if value is None]:
+        needs = "pipeline needs --run RUN_DIR, or --dataset, --model and --out"
+        raise ConfigError(f"{needs}; missing {', '.join(missing)}")
     train = TRAIN_OPTIONS.build(args)
     sae = sae_config(args, PIPELINE_SAE_OPTIONS, device=train.device, progress=train.progress)
-    summary = run_pipeline(args.out, args.dataset, args.model, args.protocol, train, sae, force=args.force)
-    print(json.dumps({"run": str(args.out), "steps": list(summary)}))
+    if args.run is not None:
+        summary = pipeline_on_run(args.run, sae, force=args.force)
+    else:
+        summary = run_pipeline(args.out, args.dataset, args.model, args.protocol, train, sae, force=args.force)
+    print(json.dumps({"run": str(args.run or args.out), "steps": list(summary)}))
     return 0
 
 

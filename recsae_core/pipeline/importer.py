@@ -1,4 +1,9 @@
-"""Wrapping a recommender we did not train: ONNX `inputs -> h` + its item matrix -> probe -> SAE -> bundle."""
+"""Wrapping a recommender we did not train without its interactions: ONNX `inputs -> h` + its item matrix + one input
+row per user -> probe -> SAE -> a bare bundle (`recsae bundle --import-onnx`).
+
+Kept for models that come with no interaction log: users are row numbers, nothing is seen, there is no catalog or
+policy, and the SAE is selected on held-out FVU. A model with a log goes through `recsae import`
+(recommenders.imported) and then the same steps as a run trained here (`recsae pipeline --run`)."""
 
 from __future__ import annotations
 

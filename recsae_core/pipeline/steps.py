@@ -59,33 +59,24 @@ def bundle_step(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     return {"bundle": str(out), "versions": manifest["versions"], "parity": parity}
 
 
-def run_pipeline(
-    run_dir: Path,
-    dataset: str,
-    model: str,
-    protocol: str,
-    train_config: TrainConfig,
-    sae_config: SAETrainConfig,
-    force: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Every offline step in order; a step whose outputs are complete and valid is skipped (unless `force`)."""
+Step = tuple[str, Callable[[], bool], Callable[[], dict]]
+"""A pipeline step: its name, whether its outputs are complete and valid, and how to run it."""
+
+
+def steps_after_recommender(run_dir: Path, sae_config: SAETrainConfig) -> list[Step]:
+    """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported."""
     layout = RunLayout(run_dir)
-    if layout.recommender_complete():
-        existing = read_json(layout.recommender / CONFIG)
-        if (existing.get("dataset"), existing.get("recommender", {}).get("model")) != (dataset, model):
-            raise ArtifactError(
-                f"{run_dir}: holds a {existing.get('recommender', {}).get('model')} run on "
-                f"{existing.get('dataset')}, not {model} on {dataset}; use another --out"
-            )
-    steps: list[tuple[str, Callable[[], bool], Callable[[], dict]]] = [
-        ("recommender", layout.recommender_complete,
-         lambda: train_step(run_dir, dataset, model, protocol, train_config)),
+    return [
         ("probe", layout.probe_complete, lambda: probe_step(run_dir, sae_config.progress)),
         ("sae", layout.sae_complete, lambda: sae_step(run_dir, sae_config)),
         ("concepts", layout.catalog_complete, lambda: concepts_step(run_dir, sae_config.progress)),
         ("bundle", layout.bundle_complete, lambda: bundle_step(run_dir)),
-    ]  # fmt: skip
+    ]
+
+
+def run_steps(steps: list[Step], force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run `steps` in order; a step whose outputs are complete and valid is skipped (unless `force`), and every step
+    after one that ran runs too (it depends on that output)."""
     summary: dict[str, Any] = {}
     redo = force
     for index, (name, complete, run) in enumerate(steps, start=1):
@@ -96,6 +87,41 @@ def run_pipeline(
         log(f"[{index}/{len(steps)}] {name}: running")
         started = time.perf_counter()
         summary[name] = run()
-        redo = True  # later steps depend on this one's output
+        redo = True
         log(f"[{index}/{len(steps)}] {name}: done in {time.perf_counter() - started:.1f}s")
     return summary
+
+
+def run_pipeline(
+    run_dir: Path,
+    dataset: str,
+    model: str,
+    protocol: str,
+    train_config: TrainConfig,
+    sae_config: SAETrainConfig,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train `model` on `dataset` into a new or matching run, then every later step (`run_steps`)."""
+    layout = RunLayout(run_dir)
+    if layout.recommender_complete():
+        existing = read_json(layout.recommender / CONFIG)
+        if (existing.get("dataset"), existing.get("recommender", {}).get("model")) != (dataset, model):
+            raise ArtifactError(
+                f"{run_dir}: holds a {existing.get('recommender', {}).get('model')} run on "
+                f"{existing.get('dataset')}, not {model} on {dataset}; use another --out"
+            )
+    train: Step = ("recommender", layout.recommender_complete,
+                   lambda: train_step(run_dir, dataset, model, protocol, train_config))  # fmt: skip
+    return run_steps([train, *steps_after_recommender(run_dir, sae_config)], force, log)
+
+
+def pipeline_on_run(
+    run_dir: Path, sae_config: SAETrainConfig, force: bool = False, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Every step after the recommender on an existing run, trained here or imported (`force` redoes them all,
+    never the recommender itself)."""
+    if not RunLayout(run_dir).recommender_complete():
+        raise ArtifactError(f"{RunLayout(run_dir).recommender}: no complete recommender here; 'recsae import' one, "
+                            "or train one with 'recsae pipeline --dataset D --model M --out RUN_DIR'")  # fmt: skip
+    return run_steps(steps_after_recommender(run_dir, sae_config), force, log)

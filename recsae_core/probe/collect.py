@@ -21,8 +21,8 @@ from recsae_core.common.artifacts import atomic_folder, read_json, write_json
 from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import PROBE_META, RunLayout
 from recsae_core.common.onnx import h_output, load_inputs, open_onnx
-from recsae_core.recommenders.batching import pad_histories
-from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.base import Batch
+from recsae_core.recommenders.batching import make_batch, pad_histories
 from recsae_core.recommenders.run import RunContext
 
 
@@ -72,8 +72,9 @@ class ShardWriter:
 
 def _sequence_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(h, user, position) for every position of every training sequence, each computed exactly as the service
-    computes it for that prefix (its last max_len items, left-padded): an output read from inside a longer training
-    window would sit at another absolute position and differ from what is served."""
+    computes it for that prefix (its last max_len items, as the model's `represent` takes a history): an output read
+    from inside a longer training window would sit at another absolute position and differ from what is served.
+    Through `represent`, any sequential recommender is probed alike, in-house or imported."""
     train, max_len, pad = ctx.split.train, ctx.model.config.max_len, ctx.model.config.n_items
     users = np.repeat(np.arange(ctx.split.n_users), train.lengths)
     positions = np.concatenate([np.arange(n) for n in train.lengths]) if len(users) else np.zeros(0, np.int64)
@@ -82,9 +83,9 @@ def _sequence_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.nda
         prefixes = [
             train.row(u)[max(0, t + 1 - max_len) : t + 1] for u, t in zip(chunk_users, chunk_positions, strict=True)
         ]
-        history = torch.from_numpy(pad_histories(prefixes, max_len, pad))
+        batch = Batch(torch.from_numpy(chunk_users), torch.from_numpy(pad_histories(prefixes, max_len, pad)))
         with torch.no_grad():
-            h = ctx.model.encode(history)[:, -1].numpy()
+            h = ctx.model.represent(batch).numpy()
         yield h, chunk_users, chunk_positions
 
 

@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from recsae_core.common.artifacts import write_json
 from recsae_core.common.errors import DataError
+from recsae_core.common.layout import ITEM_MAP, RECIPE, USER_INPUTS, USER_MAP
 
 RecipeKind = Literal["sequence", "user_index", "custom"]
 KINDS: tuple[str, ...] = ("sequence", "user_index", "custom")
@@ -62,9 +65,9 @@ class IdMap:
         return None if row is None else int(self.index[row])
 
 
-def read_id_map(path: Path, id_column: str, limit: int | None = None) -> IdMap:
+def read_id_map(path: Path, id_column: str, limit: int | None = None, rows_of: str = "the item matrix") -> IdMap:
     """Read `id_column,index` rows; refuse a missing column, a malformed or negative index, an index at or past
-    `limit` (the item matrix's rows), and a duplicate id or index, naming the file and the line."""
+    `limit` (the rows of `rows_of`), and a duplicate id or index, naming the file and the line."""
     if not path.is_file():
         raise DataError(f"{path}: id map not found")
     ids: list[str] = []
@@ -86,8 +89,8 @@ def read_id_map(path: Path, id_column: str, limit: int | None = None) -> IdMap:
             except ValueError:
                 raise DataError(f"{path}: line {line}: index {text!r} is not an integer") from None
             if index < 0 or (limit is not None and index >= limit):
-                bound = f"[0, {limit})" if limit is not None else ">= 0"
-                raise DataError(f"{path}: line {line}: index {index} outside {bound}")
+                bound = f"{rows_of}'s rows 0..{limit - 1}" if limit is not None else "the indices >= 0"
+                raise DataError(f"{path}: line {line}: index {index} is outside {bound}")
             if raw in position:
                 first = position[raw] + 2
                 raise DataError(f"{path}: line {line}: duplicate {id_column} '{raw}' (first on line {first})")
@@ -156,16 +159,38 @@ class Recipe:
 
     def to_json(self) -> dict[str, Any]:
         """The recipe as written in a run or bundle folder (maps beside it, under their own file names)."""
-        out: dict[str, Any] = {"kind": self.kind, "item_index": "item_map.csv"}
+        out: dict[str, Any] = {"kind": self.kind, "item_index": ITEM_MAP}
         if self.kind == "sequence":
             out.update(inputs=dict(self.inputs), max_len=self.max_len, pad_index=self.pad_index, padding=self.padding)
         elif self.kind == "user_index":
-            out.update(inputs=dict(self.inputs), user_index="user_map.csv")
+            out.update(inputs=dict(self.inputs), user_index=USER_MAP)
         else:
-            out["user_inputs"] = "user_inputs.safetensors"
+            out["user_inputs"] = USER_INPUTS
             if self.users is not None:
-                out["user_index"] = "user_map.csv"
+                out["user_index"] = USER_MAP
         return out
+
+    def save(self, folder: Path) -> list[str]:
+        """Write the recipe, its maps and (custom) its user inputs into `folder`, under the names `to_json` gives;
+        returns the file names written. `load_recipe(folder / RECIPE)` reads them back."""
+        write_json(folder / RECIPE, self.to_json())
+        written = [RECIPE, ITEM_MAP]
+        write_id_map(self.items, "item_id", folder / ITEM_MAP)
+        if self.users is not None:
+            write_id_map(self.users, "user_id", folder / USER_MAP)
+            written.append(USER_MAP)
+        if self.user_inputs is not None:
+            shutil.copyfile(self.user_inputs, folder / USER_INPUTS)
+            written.append(USER_INPUTS)
+        return written
+
+
+def write_id_map(ids: IdMap, id_column: str, path: Path) -> None:
+    """An id map as `read_id_map` reads it: `id_column,index`, in the map's order."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([id_column, "index"])
+        writer.writerows(zip(ids.ids, ids.index.tolist(), strict=True))
 
 
 def _int(path: Path, body: dict[str, Any], key: str, minimum: int) -> int:

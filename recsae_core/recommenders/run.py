@@ -1,4 +1,7 @@
-"""A run folder: one recommender and everything derived from it (probe, SAE, concepts, policies, bundle)."""
+"""A run folder: one recommender and everything derived from it (probe, SAE, concepts, policies, bundle).
+
+The recommender is trained here (`train_step`) or imported (recommenders.imported.import_step); `load_run` rebuilds
+either into the same RunContext, so every later step reads one interface."""
 
 from __future__ import annotations
 
@@ -9,15 +12,16 @@ from typing import Any
 
 import torch
 
-from recsae_core.common.artifacts import atomic_folder, write_json
+from recsae_core.common.artifacts import atomic_folder, read_json, write_json
 from recsae_core.common.errors import ArtifactError, ConfigError
-from recsae_core.common.layout import RunLayout
+from recsae_core.common.layout import CONFIG, METRICS, RunLayout
 from recsae_core.data.datasets import Dataset, load_dataset
 from recsae_core.data.splits import Split, make_split
 from recsae_core.recommenders.base import Recommender
 from recsae_core.recommenders.checkpoint import load_recommender, save_recommender
 from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.evaluate import evaluate, popularity_baseline
+from recsae_core.recommenders.imported import SOURCE, load_imported
 from recsae_core.recommenders.registry import MODELS
 from recsae_core.recommenders.train import build_model, train_recommender
 
@@ -93,15 +97,27 @@ def train_step(run_dir: Path, dataset: str, model_name: str, protocol: str, conf
     }
     with atomic_folder(RunLayout(run_dir).recommender) as folder:
         save_recommender(model.cpu(), folder, context)
-        write_json(folder / "metrics.json", metrics)
+        write_json(folder / METRICS, metrics)
     return metrics
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> RunContext:
-    """Reload a run's recommender and rebuild its data; fails with a clear message if anything is off."""
+def load_run(run_dir: Path, device: str = "cpu", threads: int = 0) -> RunContext:
+    """Reload a run's recommender (trained in-house, or imported: its contract and copied data) and rebuild its data
+    and split; fails with a clear message if anything is off. `threads` bounds an imported model's ONNX Runtime."""
     folder = RunLayout(run_dir).recommender
-    if not (folder / "config.json").is_file():
-        raise ArtifactError(f"{folder}: no trained recommender here (run 'recsae train-recommender' first)")
+    if not (folder / CONFIG).is_file():
+        raise ArtifactError(f"{folder}: no trained recommender here (train one, or 'recsae import' one)")
+    config = read_json(folder / CONFIG)
+    if isinstance(config, dict) and config.get("source") == SOURCE:
+        if not RunLayout(run_dir).recommender_complete():
+            raise ArtifactError(f"{folder}: incomplete imported recommender (metrics or contract files missing)")
+        for key in ("protocol", "seed"):
+            if key not in config:
+                raise ArtifactError(f"{folder / CONFIG}: missing '{key}'")
+        imported, data = load_imported(folder, config, threads)
+        split = make_split(data, config["protocol"], imported.sequential, config["seed"])
+        return RunContext(root=run_dir, dataset=data, split=split, model=imported.to(resolve_device(device)),
+                          config=config)  # fmt: skip
     model, config = load_recommender(folder, device=resolve_device(device))
     data, split = prepare_data(config["dataset"], model.name, config["protocol"], config["seed"])
     if (data.n_users, data.n_items) != (model.config.n_users, model.config.n_items):
