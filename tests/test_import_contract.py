@@ -365,3 +365,64 @@ def test_pipeline_refusals(capsys, tmp_path):
     line = cli_refusal(capsys, ["pipeline", "--run", run, "--quiet"])
     assert f"{run}/recommender" in line and "recsae import" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- served over HTTP
+
+
+@pytest.fixture(scope="module")
+def served(piped, tmp_path_factory):
+    """The imported run's bundle, with its popularity policy, served by Ray Serve on loopback."""
+    from recsae_core.pipeline.steps import bundle_step
+    from service.local import free_port, start_local
+
+    run = piped["run"]
+    if not RunLayout(run).policy("popularity").is_file():
+        code, _, stderr = run_cli(["debias", "--run", str(run), "--target", "popularity", "--candidates", "4",
+                                   "--quiet"])  # fmt: skip
+        assert code == 0, stderr
+    bundle = tmp_path_factory.mktemp("served") / "bundle"
+    bundle_step(run, bundle)
+    service = start_local(bundle, port=free_port(), metrics_port=free_port())
+    try:
+        yield service.url, load_run(run)
+    finally:
+        service.stop()
+
+
+def test_served_rankings_are_the_models_own_and_its_policy_applies_by_name(served, seq):
+    import httpx
+
+    url, ctx = served
+    data = ctx.dataset
+    model_to_item = {index: item for item, index in seq.item_index.items()}
+    for user in range(0, data.n_users, max(1, data.n_users // 25)):
+        token = data.user_tokens[user]
+        history = [data.item_tokens[i] for i in data.items[data.users == user]]  # the log, oldest first
+        own = seq.model.own_scores([history], seq.item_index)[0]
+        own[0] = -np.inf  # the pad row is no item
+        for item in history:
+            own[seq.item_index[item]] = -np.inf
+        expected = [model_to_item[int(j)] for j in np.argsort(-own, kind="stable")[:10]]
+        answer = httpx.post(f"{url}/v1/recommend", json={"user_id": token, "k": 10}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        served_items = answer.json()["items"]
+        assert [entry["item_id"] for entry in served_items] == expected
+        np.testing.assert_allclose([e["score"] for e in served_items], np.sort(own)[::-1][:10], atol=1e-5, rtol=0)
+        # a history request is the model called on that history; exclude_seen masks the history's items
+        recent = history[-20:]  # what the model reads, and within the service's max_history
+        own = seq.model.own_scores([recent], seq.item_index)[0]
+        own[0] = -np.inf
+        for item in recent:
+            own[seq.item_index[item]] = -np.inf
+        expected = [model_to_item[int(j)] for j in np.argsort(-own, kind="stable")[:10]]
+        by_history = httpx.post(f"{url}/v1/recommend", json={"history": recent, "k": 10}, timeout=30)
+        assert by_history.status_code == 200, by_history.text
+        assert [entry["item_id"] for entry in by_history.json()["items"]] == expected
+    steered = httpx.post(f"{url}/v1/recommend", json={"user_id": data.user_tokens[0], "k": 10,
+                                                      "steering": {"policy": "popularity"}}, timeout=30)  # fmt: skip
+    assert steered.status_code == 200, steered.text
+    assert steered.json()["steering_applied"] is True and steered.json()["policy"] == "popularity"
+    unknown = httpx.post(f"{url}/v1/recommend", json={"history": ["no-such-item", "nor-this"]}, timeout=30)
+    assert unknown.status_code == 422
+    assert "'no-such-item'" in unknown.json()["detail"] and "'nor-this'" in unknown.json()["detail"]
