@@ -4,7 +4,7 @@ input names) is trained outside recsae's trainers, exported to ONNX with its ite
 through `recsae import` -> `recsae pipeline --run`. Prints and saves JSON: the SAE and catalog figures beside the
 issue's targets, and the import -> bundle wall time (the foreign model's own training is timed apart).
 
-    python scripts/bench_import.py --dataset ml-1m --out runs/bench-import --epochs 12
+    python scripts/bench_import.py --dataset ml-1m --out runs/bench-import
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     data = load_dataset(args.dataset)
     files = build_sequence_model(data, out / "foreign", epochs=args.epochs, seed=args.seed, max_len=args.max_len,
-                                 dim=args.dim, lr=args.lr)  # fmt: skip
+                                 dim=args.dim, lr=args.lr, batch_size=args.batch_size)  # fmt: skip
     train_seconds = time.perf_counter() - started
     run_dir = out / "run"
     sae_flags = ["--sae-max-minutes", str(args.sae_max_minutes)] if args.sae_max_minutes is not None else []
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mean_auc": summary["mean_auc"],
     }
     foreign = {"max_len": args.max_len, "dim": args.dim, "epochs": args.epochs, "lr": args.lr,
+               "batch_size": args.batch_size,
                "train_seconds": round(train_seconds, 1), "test": imported.get("test"),
                "popularity_baseline_test": imported.get("popularity_baseline_test")}  # fmt: skip
     return {
@@ -93,10 +94,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of the foreign model's own training")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs of the foreign model's own training")
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=128, help="training windows per step of the foreign model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sae-max-minutes", type=float, default=None, help="passed to pipeline (default: its own)")
     args = parser.parse_args()

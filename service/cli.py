@@ -58,6 +58,16 @@ def add_service_commands(sub: Any) -> None:
         help="interleaved rounds of every mode: on a shared 2-core machine one round's ratio scatters by +-0.2, "
         "and 16 rounds bring a pooled ratio to about +-0.03 (about 12 minutes with the defaults)",
     )  # fmt: skip
+    bserve.add_argument(
+        "--policy", metavar="NAME",
+        help="bundled policy every steer-mode request applies (default without --edits: 'popularity' if usable, "
+        "else the first usable policy by name, else two edits); recorded in the report as steer",
+    )  # fmt: skip
+    bserve.add_argument(
+        "--edits", metavar="JSON",
+        help='edits every steer-mode request sends, as the HTTP API takes them, e.g. \'[{"concept": "drama-3", '
+        '"op": "nudge", "value": -2, "unit": "std"}]\'; with --policy, both apply',
+    )  # fmt: skip
 
 
 def _check_bundle(folder: Path) -> None:
@@ -93,12 +103,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command != "serve":
         raise ConfigError(f"unknown bench {args.bench_command!r}")
-    from service.bench import bench_serve, write_report
+    from service.bench import bench_serve, parse_edits, write_report
 
+    edits = parse_edits(args.edits) if args.edits is not None else None
     _check_bundle(args.bundle)
-    result = bench_serve(args.bundle.resolve(), args.duration, args.concurrency, args.warmup, args.rounds)
+    # The steering is validated inside bench_serve before Ray starts; a refusal is one line and exit 2, and so is a
+    # steer-mode answer without steering_applied (SteeringNotApplied), which ends the run without a report.
+    result = bench_serve(
+        args.bundle.resolve(), args.duration, args.concurrency, args.warmup, args.rounds, args.policy, edits
+    )
     write_report(result, args.out)
-    print(json.dumps({"out": str(args.out), "http": result["http"], "batching": result["batching"]}))
+    summary = {"out": str(args.out), "steer": result["steer"], "http": result["http"], "batching": result["batching"]}
+    print(json.dumps(summary))
     return 0
 
 

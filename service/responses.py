@@ -59,7 +59,7 @@ class Responses:
         for edit, before in zip(row.edits, result.z_edited if result.z_edited is not None else [], strict=False):
             edits.append(
                 {
-                    **self._edit(edit),
+                    **self.edit_summary(edit),
                     "before": float(before),
                     "after": float(result.z_new[edit.latent]),
                 }
@@ -93,11 +93,12 @@ class Responses:
         return {
             "name": policy.name,
             "description": policy.description,
-            "edits": [self._edit(e) for e in policy.edits],
+            "edits": [self.edit_summary(e) for e in policy.edits],
             "usable": policy.error is None,
             "error": policy.error,
         }
 
-    def _edit(self, edit: Edit) -> dict[str, Any]:
+    def edit_summary(self, edit: Edit) -> dict[str, Any]:
+        """An edit as answers and listings show it (also the bench's record of what it steered with)."""
         concept = self.catalog.latent_name.get(edit.latent)
         return {"latent": edit.latent, "concept": concept, "op": edit.op, "value": edit.value, "unit": edit.unit}

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from recsae_core.pipeline.cli import main
 
 
-def cli_refusal(capsys, args: list[str]) -> str:
-    """Run the CLI expecting a refusal; return its one error line."""
+def cli_refusal(capsys, args: list[str], entry: Callable[[list[str]], int] = main) -> str:
+    """Run the CLI (`entry`: the core's, or service.cli.main for serve and bench) expecting a refusal; return its one
+    error line."""
     capsys.readouterr()
-    code = main(args)
+    code = entry(args)
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2, captured.err

@@ -193,7 +193,7 @@ def log_rows(data: Dataset, user_id=str) -> list[list]:
 
 def build_sequence_model(
     data: Dataset, folder: Path, epochs: int = 4, seed: int = 0, max_len: int = SEQ_MAX_LEN, dim: int = DIM,
-    lr: float = 1e-2,
+    lr: float = 1e-2, batch_size: int = 512,
 ) -> ForeignFiles:  # fmt: skip
     """Train ForeignSeq on `data`'s leave-one-out training sequences and write its import files into `folder`:
     interactions as CSV (plus rows naming an unknown item), the dataset's RecBole .item and .user tables as shipped.
@@ -223,8 +223,8 @@ def build_sequence_model(
 
     def batches():
         order = torch.randperm(len(inputs))
-        for start in range(0, len(order), 512):
-            yield inputs[order[start : start + 512]], targets[order[start : start + 512]]
+        for start in range(0, len(order), batch_size):
+            yield inputs[order[start : start + batch_size]], targets[order[start : start + batch_size]]
 
     _train(model, loss_of, batches, epochs, lr)
     files = ForeignFiles(folder, model, folder / "seq.onnx", folder / "E.safetensors", folder / "recipe.json",
