@@ -27,10 +27,11 @@ def suggest(name: str, choices: list[str], what: str) -> str:
         close = [lowered[c] for c in difflib.get_close_matches(name.casefold(), list(lowered), n=3, cutoff=0.6)]
     if close:
         return f"unknown {what} '{name}'; did you mean {' or '.join(repr(c) for c in close)}?"
+    plural = what.removesuffix("y") + "ies" if what.endswith("y") else what + "s"
     if not choices:
-        return f"unknown {what} '{name}'; this bundle has no {what}s"
+        return f"unknown {what} '{name}'; this bundle has no {plural}"
     shown = ", ".join(repr(c) for c in choices[:5])
-    return f"unknown {what} '{name}'; known {what}s include {shown}" + (" ..." if len(choices) > 5 else "")
+    return f"unknown {what} '{name}'; known {plural} include {shown}" + (" ..." if len(choices) > 5 else "")
 
 
 @dataclass
