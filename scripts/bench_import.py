@@ -94,7 +94,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=15, help="epochs of the foreign model's own training")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the foreign model's own training")
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)

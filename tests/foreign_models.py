@@ -79,6 +79,12 @@ class ForeignSeq(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        # Small embeddings, as SASRec initialises them: with nn.Embedding's N(0, 1) the tied output layer starts with
+        # logits of size ~sqrt(dim) and the model never gets past popularity (ML-100K NDCG@10 0.029 against 0.089).
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        nn.init.normal_(self.pos_emb.weight, std=0.05)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()  # the pad row
 
     def encode(self, item_seq: torch.Tensor) -> torch.Tensor:
         """Outputs at every position; position t attends to 0..t (right padding sits after every real item)."""
