@@ -17,6 +17,7 @@ import torch
 
 from recsae_core.bundle.format import Bundle
 from recsae_core.probe.collect import open_onnx
+from recsae_core.recommenders.recipe import pack_histories
 from recsae_core.sae.edits import Edit
 from recsae_core.sae.runtime import SAERuntime, total_variance
 
@@ -117,21 +118,20 @@ class Engine:
         if spec.length_input is not None:  # as stored: (n,) or (n, 1), in the dtype the model declares
             stored_lengths = stored[spec.length_input]
             lengths = np.zeros((len(rows), *stored_lengths.shape[1:]), stored_lengths.dtype)
-        for i, row in enumerate(rows):
-            if row.user is not None:
-                seqs[i] = stored[spec.history_input][row.user]
-                if lengths is not None:
-                    lengths[i] = stored_lengths[row.user]
-                continue
-            tail = row.history[-spec.max_len :]
-            if self.bundle.model_index is not None:
-                tail = self.bundle.model_index[tail]
-            if spec.padding == "left":
-                seqs[i, spec.max_len - len(tail) :] = tail
-            else:
-                seqs[i, : len(tail)] = tail
+        known = [i for i, row in enumerate(rows) if row.user is not None]
+        for i in known:
+            seqs[i] = stored[spec.history_input][rows[i].user]
             if lengths is not None:
-                lengths[i] = len(tail)
+                lengths[i] = stored_lengths[rows[i].user]
+        asked = [i for i, row in enumerate(rows) if row.user is None]
+        if asked:
+            index = self.bundle.model_index
+            tails = [rows[i].history[-spec.max_len :] for i in asked]
+            packed, counts = pack_histories([t if index is None else index[t] for t in tails], spec.max_len,
+                                            spec.pad_id, spec.padding)  # fmt: skip
+            seqs[asked] = packed
+            if lengths is not None:
+                lengths[asked] = counts.reshape(-1, *stored_lengths.shape[1:])
         feed = {spec.history_input: seqs}
         if lengths is not None:
             feed[spec.length_input] = lengths

@@ -104,6 +104,23 @@ def read_id_map(path: Path, id_column: str, limit: int | None = None, rows_of: s
     return IdMap(path, ids, np.asarray(indices, dtype=np.int64), position)
 
 
+def pack_histories(
+    histories: list[np.ndarray], max_len: int, pad_index: int, padding: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, max_len) int64 histories, each its newest max_len items padded with pad_index on the `padding` side, and
+    (B,) int64 real item counts: the one rule by which a sequence model is fed, offline and served."""
+    batch = np.full((len(histories), max_len), pad_index, dtype=np.int64)
+    lengths = np.zeros(len(histories), dtype=np.int64)
+    for row, history in enumerate(histories):
+        tail = np.asarray(history, dtype=np.int64)[-max_len:]
+        lengths[row] = len(tail)
+        if padding == "left":
+            batch[row, max_len - len(tail) :] = tail
+        else:
+            batch[row, : len(tail)] = tail
+    return batch, lengths
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A validated input recipe with its id maps read."""
@@ -137,15 +154,7 @@ class Recipe:
         recipe's side with pad_index; the length input (if any) gets the real item count."""
         if self.kind != "sequence":
             raise ValueError(f"a {self.kind} recipe takes no histories")
-        batch = np.full((len(histories), self.max_len), self.pad_index, dtype=np.int64)
-        lengths = np.zeros(len(histories), dtype=np.int64)
-        for row, history in enumerate(histories):
-            tail = np.asarray(history, dtype=np.int64)[-self.max_len :]
-            lengths[row] = len(tail)
-            if self.padding == "left":
-                batch[row, self.max_len - len(tail) :] = tail
-            else:
-                batch[row, : len(tail)] = tail
+        batch, lengths = pack_histories(histories, self.max_len, self.pad_index, self.padding)
         feed = {self.inputs["items"]: batch}
         if self.inputs.get("length"):
             feed[self.inputs["length"]] = lengths

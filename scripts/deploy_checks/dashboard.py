@@ -19,6 +19,16 @@ def load_dashboard(path: str) -> dict[str, Any]:
     return data
 
 
+def loaded_dashboards(names: list[str]) -> Iterator[tuple[str, Any]]:
+    """(name, dashboard) for each file, or (name, None) after printing why it could not be read."""
+    for name in names:
+        try:
+            yield name, load_dashboard(name)
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"ERROR {name}: {e}")
+            yield name, None
+
+
 def iter_panels(panels: list[Any], prefix: str = "panels") -> Iterator[tuple[str, dict[str, Any]]]:
     """(JSON path, panel) of every panel, including those inside collapsed rows."""
     for i, p in enumerate(panels):
@@ -76,11 +86,8 @@ def dashboard_problems(d: Any, models: GrafanaModels) -> tuple[list[str], list[s
 def check_dashboard(args: argparse.Namespace) -> int:
     models = grafana_models()
     failed = False
-    for name in args.dashboards:
-        try:
-            d = load_dashboard(name)
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"ERROR {name}: {e}")
+    for name, d in loaded_dashboards(args.dashboards):
+        if d is None:
             failed = True
             continue
         problems, notes = dashboard_problems(d, models)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ from typing import Any
 import yaml
 
 from .common import ToolMissing
-from .dashboard import iter_panels, load_dashboard, panel_label
+from .dashboard import iter_panels, loaded_dashboards, panel_label
 
 # Grafana's own variables, as a query sees them: durations, or numbers of milliseconds / seconds.
 GRAFANA_BUILTINS = {
@@ -111,11 +110,8 @@ def check_promql(args: argparse.Namespace) -> int:
     if not promtool:
         raise ToolMissing("promtool not found: run scripts/install_tools.sh")
     failed = False
-    for name in args.dashboards:
-        try:
-            d = load_dashboard(name)
-        except (OSError, json.JSONDecodeError) as e:
-            print(f"ERROR {name}: {e}")
+    for name, d in loaded_dashboards(args.dashboards):
+        if d is None:
             failed = True
             continue
         if not isinstance(d, dict):
