@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every deployment check, with the real tools (docs/deploy.md). Needs scripts/install_tools.sh to have run.
 #   helm lint --strict / helm template (several value sets), kubernetes-validate --strict (core objects and the
-#   Ray pod templates), the RayService against the KubeRay CRDs vendored in deploy/kuberay/crds (strict), the Serve
-#   configs (deploy/serve.yaml and every rendered serveConfigV2) through Ray's ServeDeploySchema + import path +
-#   deployment names + ServiceConfig, bad values refused, promtool check config / check rules / test rules, the
-#   Grafana dashboard against grafana-foundation-sdk's models and its PromQL parsed by promtool.
+#   Ray pod templates), the RayService and the optional RayJob against the KubeRay CRDs vendored in
+#   deploy/kuberay/crds (strict), the Serve configs (deploy/serve.yaml and every rendered serveConfigV2) through
+#   Ray's ServeDeploySchema + import path + deployment names + ServiceConfig, bad values refused, promtool check
+#   config / check rules / test rules, the Grafana dashboard against grafana-foundation-sdk's models and its PromQL
+#   parsed by promtool.
 # Uses only this repository and what install_tools.sh installs (validators: scripts/deploy_checks/).
 # Env: HELM, PROMTOOL, RECSAE_VENV.
 set -euo pipefail
@@ -33,6 +34,7 @@ VARIANTS=(
   "default|"
   "init-podmonitor-token|--set bundle.source=initContainer --set metrics.podMonitor.enabled=true --set adminToken.value=0123456789abcdef0123"
   "fixed-replicas-secret|--set serve.autoscaling.enabled=false --set serve.numReplicas=3 --set serve.numCpus=2 --set adminToken.existingSecret=recsae-admin --set image.digest=sha256:0000000000000000000000000000000000000000000000000000000000000000"
+  "rayjob|--set rayJob.enabled=true --set rayJob.run=ml-1m-v2 --set rayJob.workers.replicas=3"
 )
 
 step "helm lint --strict + helm template ($($HELM version --short))"
@@ -47,16 +49,19 @@ step "kubernetes-validate --strict (core objects and the Ray pod templates)"
 for v in "${VARIANTS[@]}"; do
   name=${v%%|*}
   "$KV" --strict --quiet "$TMP/$name.yaml" || fail "kubernetes-validate ($name)"
-  # RayService is not a core kind: its head and worker pod templates are checked as core PodTemplates too.
+  # RayService and RayJob are not core kinds: their head, worker and submitter pod templates are checked as core
+  # PodTemplates too.
   "$PY" - "$TMP/$name.yaml" >"$TMP/$name.pods.yaml" <<'PY'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 out = []
 for d in docs:
-    if d["kind"] != "RayService":
+    if d["kind"] not in ("RayService", "RayJob"):
         continue
-    spec = d["spec"]["rayClusterConfig"]
+    spec = d["spec"]["rayClusterConfig" if d["kind"] == "RayService" else "rayClusterSpec"]
     groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    if "submitterPodTemplate" in d["spec"]:
+        groups.append(("submitter", {"template": d["spec"]["submitterPodTemplate"]}))
     for group, g in groups:
         out.append({"apiVersion": "v1", "kind": "PodTemplate",
                     "metadata": {"name": f"{d['metadata']['name']}-{group}"}, "template": g["template"]})
@@ -67,10 +72,11 @@ PY
   echo "ok $name"
 done
 
-step "RayService against the vendored KubeRay CRDs (strict)"
+step "RayService and RayJob against the vendored KubeRay CRDs (strict)"
 rendered=()
 for v in "${VARIANTS[@]}"; do rendered+=("$TMP/${v%%|*}.yaml"); done
 "${VALIDATE[@]}" crd --expect RayService "${rendered[@]}" || fail "KubeRay CRD"
+"${VALIDATE[@]}" crd --expect RayJob "$TMP/rayjob.yaml" || fail "KubeRay CRD (RayJob)"
 
 step "Ray Serve configs: ServeDeploySchema, import path, deployment names, ServiceConfig"
 files=(deploy/serve.yaml)
@@ -99,7 +105,12 @@ for path in sys.argv[1:]:
             target = getattr(importlib.import_module(module), attr)
             built = target if isinstance(target, Application) else target(dict(app.args or {}))
             assert isinstance(built, Application), f"{where}: {app.import_path} does not build a Serve application"
-            names = {built._bound_deployment.name}
+            names, todo = set(), [built]  # every deployment of the app's graph (the ingress binds the model)
+            while todo:
+                node = todo.pop()
+                if isinstance(node, Application):
+                    names.add(node._bound_deployment.name)
+                    todo += [*node._bound_deployment.init_args, *node._bound_deployment.init_kwargs.values()]
             for dep in app.deployments:
                 assert dep.name in names, f"{where}: deployment {dep.name!r} not in the app's deployments {sorted(names)}"
                 user_config = dep.model_dump(exclude_unset=True).get("user_config")
@@ -122,6 +133,8 @@ BAD=(
   "--set bogus=1"
   "--set serve.numReplicas=0"
   "--set serve.numCpus=0"
+  "--set serve.maxQueuedRequests=0"
+  "--set serve.retryAfterS=-1"
   "--set serve.userConfig.max_k=0"
   "--set serve.userConfig.max_batch_size=5000"
   "--set serve.userConfig.bundle=/elsewhere"
@@ -137,6 +150,12 @@ BAD=(
   "--set service.port=70000"
   "--set service.type=Ingress"
   "--set metrics.podMonitor.interval=often"
+  "--set rayJob.enabled=true --set bundle.source=initContainer"
+  "--set rayJob.enabled=true --set rayJob.shutdownAfterJobFinishes=false"
+  "--set rayJob.enabled=true --set rayJob.run=a-run-name-that-makes-the-rayjob-name-too-long"
+  "--set rayJob.ttlSecondsAfterFinished=-1"
+  "--set rayJob.entrypoint="
+  "--set rayJob.submitter.command=sh"
 )
 for b in "${BAD[@]}"; do
   read -r -a args <<<"$b"

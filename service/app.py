@@ -3,9 +3,10 @@
     serve run service.app:app_builder bundle=/path/to/bundle          # or import_path: service.app:app in YAML
 
 Handlers stay thin: service.requests parses, service.engine computes, service.responses shapes the JSON. Requests
-are grouped with @serve.batch (each row keeps its own edits); the engine runs in a worker thread so the event loop
-keeps accepting requests. `reconfigure(user_config)` changes limits, batching and the bundle without a
-restart; a bundle that fails verification is refused and the old one keeps serving.
+are grouped by service.batching (each row keeps its own edits: a lone request runs at once, those that arrive while a
+batch runs form the next); the engine runs in a worker thread so the event loop keeps accepting requests.
+`reconfigure(user_config)` changes limits, batching and the bundle without a restart; a bundle that fails
+verification is refused and the old one keeps serving.
 """
 
 import asyncio
@@ -22,19 +23,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.deployment import Application
 
-from recsae_core.common.errors import ConfigError, RecsaeError
+from recsae_core.common.errors import ArtifactError, ConfigError, RecsaeError
+from service.batching import Batcher
 from service.engine import Row, RowResult, limit_threads
 from service.errors import RequestError
+from service.ingress import BUNDLE_HEADER, Ingress, Relayed, run_asgi
 from service.prometheus import ServiceMetrics, policy_label
 from service.prometheus import current as current_metrics
 from service.prometheus import register as register_metrics
 from service.query import query_request
+from service.rollout import RolloutError, rollout
 from service.schemas import RecommendRequest, RecommendResponse, ServiceConfig, validation_message
 from service.served import Served
 
 log = logging.getLogger("recsae.service")
 ADMIN_TOKEN_ENV = "RECSAE_ADMIN_TOKEN"
 BUNDLE_ENV = "RECSAE_BUNDLE"
+MAX_QUEUED_REQUESTS = 64
+"""Default max_queued_requests of the ingress: requests waiting in the proxy beyond those it relays."""
+RETRY_AFTER_S = 1.0
+"""Default Retry-After (seconds) of the 503 that sheds a request over max_queued_requests."""
 fastapi_app = FastAPI(title="recsae", description="SAE monitoring and steering in front of a recommender")
 
 
@@ -45,6 +53,11 @@ class ReloadRequest(BaseModel):
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": message, "status": status}, status_code=status, headers=headers)
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """The Server-Timing header of an answer: stage durations in ms."""
+    return ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
 
 
 @fastapi_app.exception_handler(RequestError)
@@ -134,6 +147,7 @@ class RecsaeService:
         self.last_reload: dict[str, Any] = {}
         self.lock = asyncio.Lock()
         self.refresher: asyncio.Task | None = None
+        self.batcher = Batcher(self._batched)
         register_metrics(self.metrics)
 
     async def _refresh_gauges(self, period_s: float = 1.0) -> None:
@@ -149,8 +163,8 @@ class RecsaeService:
             log.warning("max_batch_size %d > max_ongoing_requests %d: batches could never fill; using %d",
                         size, self.max_ongoing, self.max_ongoing)  # fmt: skip
             size = self.max_ongoing
-        self._batched.set_max_batch_size(size)
-        self._batched.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.batcher.max_batch_size = size
+        self.batcher.wait_s = self.config.batch_wait_timeout_s
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new user_config. A new bundle is loaded beside the old one and swapped in only once verified and
@@ -179,16 +193,22 @@ class RecsaeService:
         self.last_reload = {"outcome": "refused", "bundle": bundle, "error": message, "at": time.time()}
         self.metrics.reload("refused")
 
-    async def switch(self, new: ServiceConfig, force: bool = False) -> None:
-        """Load `new.bundle` if forced or if it (or the engine settings) changed, then adopt `new`; raises
-        RecsaeError and keeps everything as it was if the bundle fails to load."""
+    async def switch(self, new: ServiceConfig) -> None:
+        """Load `new.bundle` if it (or its expected version, or the engine settings) changed, then adopt `new`;
+        raises RecsaeError and keeps everything as it was if the bundle fails to load or is not the expected one."""
         async with self.lock:
             old, served = self.config, self.served
-            load_keys = ("bundle", "threads", "max_abs_std", "max_scale", "max_edits")
-            if force or old is None or any(getattr(new, k) != getattr(old, k) for k in load_keys):
+            load_keys = ("bundle", "bundle_version", "threads", "max_abs_std", "max_scale", "max_edits")
+            if old is None or any(getattr(new, k) != getattr(old, k) for k in load_keys):
                 limit_threads(new.threads)  # process-wide: this process is one replica
                 try:
                     served = await asyncio.to_thread(Served.load, new.bundle, new.threads, new.edit_bounds())
+                    found = served.versions.get("bundle")
+                    if new.bundle_version is not None and found != new.bundle_version:
+                        raise ArtifactError(
+                            f"{new.bundle}: bundle version {found} is not the {new.bundle_version} this config "
+                            "expects (the folder changed after the rollout was decided)"
+                        )  # fmt: skip
                 except RecsaeError as err:
                     self._refused(new.bundle, str(err))
                     raise
@@ -205,9 +225,10 @@ class RecsaeService:
 
     # ------------------------------------------------------------- recommend
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _batched(self, jobs: list[tuple[Served, Row, bool]]) -> list[tuple[RowResult, dict[str, float]]]:
-        """One engine call per (bundle, sae) group: normally the whole batch (a reload can split one)."""
+    async def _batched(self, jobs: list[tuple[Served, Row, bool]]) -> list[tuple[RowResult, dict[str, float], float]]:
+        """One engine call per (bundle, sae) group: normally the whole batch (a reload can split one). Each job gets
+        its result, the stage timings of its group (ms, with the group's `metrics` time) and the batch's start."""
+        started = time.perf_counter()
         out: list[Any] = [None] * len(jobs)
         groups: dict[tuple[int, bool], list[int]] = {}
         for i, (served, _, sae) in enumerate(jobs):
@@ -215,24 +236,34 @@ class RecsaeService:
         for (_, sae), indices in groups.items():
             served, rows = jobs[indices[0]][0], [jobs[i][1] for i in indices]
             results, timings = await asyncio.to_thread(served.engine.recommend, rows, sae)
+            t0 = time.perf_counter()
             self.metrics.batch(served, rows, results, timings)
+            timings = {**timings, "metrics": (time.perf_counter() - t0) * 1000}
             for i, result in zip(indices, results, strict=True):
-                out[i] = (result, timings)
+                out[i] = (result, timings, started)
         return out
 
     async def _serve(self, request: Request, parsed: RecommendRequest) -> JSONResponse:
         served, cfg = self.served, self.config
+        t0 = time.perf_counter()
         row = served.requests.parse(parsed, sae=cfg.sae, steering_enabled=cfg.steering)
         request.state.policy = policy_label(row)
+        t1 = time.perf_counter()
         if cfg.batching:
-            result, timings = await self._batched((served, row, cfg.sae))
+            result, timings, started = await self.batcher((served, row, cfg.sae))
         else:
+            started = t1
             results, timings = await asyncio.to_thread(served.engine.recommend, [row], cfg.sae)
             self.metrics.batch(served, [row], results, timings)
             result = results[0]
+        t2 = time.perf_counter()
         payload = served.responses.recommend(row, result, cfg.explain_top)
-        timing = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
-        return JSONResponse(payload, headers={"Server-Timing": timing})
+        # queue: waiting for a batch to start; batch: from its start to this answer (worker thread hop, the whole
+        # batch's engine and metrics). Beside the engine's own stages, they show where a request's time goes.
+        ms = {"parse": t1 - t0, "queue": started - t1, "batch": t2 - started, "respond": time.perf_counter() - t2}
+        stages = {**{k: v * 1000 for k, v in ms.items()}, **timings}
+        headers = {"Server-Timing": server_timing(stages), BUNDLE_HEADER: str(served.versions.get("bundle"))}
+        return JSONResponse(payload, headers=headers)
 
     @fastapi_app.post("/v1/recommend", responses={200: {"model": RecommendResponse}})
     async def recommend(self, request: Request) -> JSONResponse:
@@ -286,8 +317,10 @@ class RecsaeService:
         return JSONResponse(body)
 
     @fastapi_app.post("/admin/reload")
-    async def admin_reload(self, request: Request) -> dict[str, Any]:
-        """Reload this replica's bundle (optionally from another folder). Needs Authorization: Bearer <token>."""
+    async def admin_reload(self, request: Request) -> JSONResponse:
+        """Roll a bundle (default: the current folder as it is now) out to every replica as a new user_config (bundle
+        and version; service/rollout.py), once loaded here as a replica would: a bundle that would be refused never
+        reaches the fleet (422). 200 once every replica runs it, 202 if that takes longer. Needs a Bearer token."""
         if self.admin_token is None:
             raise RequestError(404, "Not Found")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -300,19 +333,47 @@ class RecsaeService:
             reload = ReloadRequest.model_validate_json(body or b"{}")
         except ValidationError as err:
             raise RequestError(422, validation_message(err)) from None
-        previous = self.served.versions
-        new = self.config.model_copy(update={"bundle": reload.bundle or self.config.bundle})
+        previous, cfg = self.served.versions, self.config
+        target = reload.bundle or cfg.bundle
         try:
-            await self.switch(new, force=True)
+            staged = await asyncio.to_thread(Served.load, target, cfg.threads, cfg.edit_bounds())
         except RecsaeError as err:
-            raise RequestError(422, f"bundle refused, still serving {previous.get('bundle')}: {err}") from None
-        return {"status": "reloaded", "bundle": new.bundle, "versions": self.served.versions, "previous": previous}
+            self._refused(target, str(err))
+            message = f"bundle refused, every replica still serves {previous.get('bundle')}: {err}"
+            raise RequestError(422, message) from None
+        versions = staged.versions
+        del staged  # only loaded to be checked; each replica loads its own
+        context = serve.get_replica_context()
+        changes = {"bundle": target, "bundle_version": versions.get("bundle")}
+        try:
+            done = await asyncio.to_thread(rollout, context.app_name, context.deployment, changes, cfg.model_dump())
+        except RolloutError as err:
+            raise RequestError(err.status, err.args[0]) from None
+        answer = {
+            "status": "rolled out" if done.done else "rolling out (see `serve status`)",
+            "bundle": target,
+            "versions": versions,
+            "previous": previous,
+            "replicas": done.replicas,
+            "seconds": round(done.seconds, 3),
+        }
+        return JSONResponse(answer, status_code=200 if done.done else 202)
+
+    async def forward(self, scope: dict[str, Any], body: bytes) -> Relayed:
+        """One HTTP request relayed by the ingress (service/ingress.py), answered by this replica's FastAPI app as if
+        it had come over HTTP. Every answer names the bundle that served it (a recommendation sets its own)."""
+        relayed = await run_asgi(self.app, scope, body)
+        if not any(name == BUNDLE_HEADER.encode() for name, _ in relayed.headers):
+            relayed.headers.append((BUNDLE_HEADER.encode(), str(self.served.versions.get("bundle")).encode()))
+        return relayed
 
 
 def app_builder(args: dict[str, Any] | None = None) -> Application:
     """Build the application from `serve run service.app:app_builder bundle=...` arguments or a YAML `args:`
-    block: ServiceConfig fields, plus num_replicas (alias replicas), num_cpus and max_ongoing_requests.
-    `bundle` defaults to $RECSAE_BUNDLE."""
+    block: ServiceConfig fields, plus the model deployment's num_replicas (alias replicas), num_cpus and
+    max_ongoing_requests, and the ingress's ingress_replicas, max_queued_requests (-1: unbounded) and retry_after_s
+    (the Retry-After of its 503s). `bundle` defaults to $RECSAE_BUNDLE. HTTP enters through the Ingress deployment,
+    which relays to the model deployment `recsae` (service/ingress.py)."""
     args = dict(args or {})
     if "bundle" not in args and os.environ.get(BUNDLE_ENV):
         args["bundle"] = os.environ[BUNDLE_ENV]
@@ -322,23 +383,36 @@ def app_builder(args: dict[str, Any] | None = None) -> Application:
         replicas = int(args.pop("num_replicas", args.pop("replicas", 1)))
         cpus = float(args.pop("num_cpus", 1))
         ongoing = int(args.pop("max_ongoing_requests", 0))
+        queued = int(args.pop("max_queued_requests", MAX_QUEUED_REQUESTS))
+        retry_after = float(args.pop("retry_after_s", RETRY_AFTER_S))
+        ingress_replicas = int(args.pop("ingress_replicas", 1))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"service deployment options: {err}") from None
-    if replicas < 1 or cpus < 0:
-        raise ConfigError(f"service needs num_replicas >= 1 and num_cpus >= 0 (got {replicas}, {cpus})")
+    checks = ((replicas >= 1, f"num_replicas >= 1 (got {replicas})"), (cpus >= 0, f"num_cpus >= 0 (got {cpus})"),
+              (ingress_replicas >= 1, f"ingress_replicas >= 1 (got {ingress_replicas})"),
+              (queued >= 1 or queued == -1, f"max_queued_requests -1 (unbounded) or >= 1 (got {queued})"),
+              (0 <= retry_after <= 3600, f"retry_after_s between 0 and 3600 seconds (got {retry_after})"))  # fmt: skip
+    for ok, need in checks:
+        if not ok:
+            raise ConfigError(f"service needs {need}")
     args.setdefault("threads", max(1, int(cpus)))
     try:
         cfg = ServiceConfig.model_validate(args)
     except ValidationError as err:
         raise ConfigError(f"service config: {validation_message(err)}") from None
     ongoing = max(ongoing, 2 * cfg.max_batch_size, 16)
-    config = cfg.model_dump()
-    return RecsaeService.options(
-        num_replicas=replicas,
-        max_ongoing_requests=ongoing,
-        user_config=config,
-        ray_actor_options={"num_cpus": cpus},
-    ).bind(ongoing)
+    backpressure = {"retry_after_s": retry_after}
+    model = RecsaeService.options(num_replicas=replicas, max_ongoing_requests=ongoing, user_config=cfg.model_dump(),
+                                  ray_actor_options={"num_cpus": cpus}).bind(ongoing)  # fmt: skip
+    # Admission happens at the proxy, the cheapest place to refuse a request: each ingress replica relays at most
+    # what the model replicas take at once (so nothing waits without bound at the model either), and beyond its
+    # queue the proxy answers 503 itself. With autoscaling, set the ingress's max_ongoing_requests in the config to
+    # max_replicas x max_ongoing_requests. (Not a max_queued_requests on the model: Ray counts a request as queued
+    # while it is being assigned, so a burst the replicas can take would be refused.)
+    limits = {"max_ongoing_requests": replicas * ongoing, "max_queued_requests": queued}
+    return Ingress.options(num_replicas=ingress_replicas, backpressure_config=backpressure, **limits).bind(
+        model, retry_after
+    )
 
 
 app = app_builder

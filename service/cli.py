@@ -14,6 +14,8 @@ from recsae_core.common.errors import ConfigError
 from recsae_core.pipeline.cli import build_parser as core_parser
 from recsae_core.pipeline.cli import command, positive_float, positive_int
 from recsae_core.pipeline.cli import main as core_main
+from service.reliability_config import RELIABILITY_OPTIONS, SCENARIOS
+from service.soak_config import SOAK_OPTIONS
 
 
 def port(text: str) -> int:
@@ -47,7 +49,9 @@ def add_service_commands(sub: Any) -> None:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
-    bserve = bench_sub.add_parser("serve", help="latency/throughput of the HTTP service: bare vs monitor vs steer")
+    bserve = bench_sub.add_parser(
+        "serve", help="latency/throughput of the HTTP service: bare vs monitor vs steer, and against its floor"
+    )
     bserve.add_argument("--bundle", required=True, type=Path)
     bserve.add_argument("--out", required=True, type=Path, help="JSON report")
     bserve.add_argument("--duration", type=positive_float, default=3.0, help="measured seconds per round and mode")
@@ -68,6 +72,27 @@ def add_service_commands(sub: Any) -> None:
         help='edits every steer-mode request sends, as the HTTP API takes them, e.g. \'[{"concept": "drama-3", '
         '"op": "nudge", "value": -2, "unit": "std"}]\'; with --policy, both apply',
     )  # fmt: skip
+    soak = bench_sub.add_parser("soak", help="mixed traffic for a set time: latency drift, replica RSS, errors")
+    soak.add_argument("--bundle", required=True, type=Path, help="bundle folder to serve")
+    soak.add_argument("--out", required=True, type=Path, help="JSON report")
+    SOAK_OPTIONS.add_to(soak)
+    brel = bench_sub.add_parser(
+        "reliability", help="the service as a fleet: a bundle rollout, a killed replica, overload"
+    )
+    brel.add_argument("--bundle", required=True, type=Path, help="bundle folder to serve")
+    brel.add_argument("--scenario", required=True, choices=SCENARIOS, help="the event to measure")
+    brel.add_argument("--to", type=Path, help="rollout: the new bundle (default: a copy of --bundle, another version)")
+    brel.add_argument("--out", required=True, type=Path, help="JSON report")
+    RELIABILITY_OPTIONS.add_to(brel)
+    bprofile = bench_sub.add_parser(
+        "profile", help="where a request's time goes in the service: Ray Serve's spans, Server-Timing, CPU per process"
+    )
+    bprofile.add_argument("--bundle", required=True, type=Path)
+    bprofile.add_argument("--out", required=True, type=Path, help="JSON report")
+    bprofile.add_argument("--duration", type=positive_float, default=5.0, help="measured seconds per run")
+    bprofile.add_argument("--warmup", type=positive_float, default=1.0, help="unmeasured seconds before each run")
+    bprofile.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="e.g. 1,16")
+    bprofile.add_argument("--py-spy", action="store_true", help="also sample the proxy and the replica with py-spy")
 
 
 def _check_bundle(folder: Path) -> None:
@@ -101,9 +126,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @command("bench")
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "soak":
+        from service.soak import run_command
+
+        return run_command(args)
+    if args.bench_command == "reliability":
+        return _bench_reliability(args)
+    if args.bench_command == "profile":
+        return _bench_profile(args)
     if args.bench_command != "serve":
         raise ConfigError(f"unknown bench {args.bench_command!r}")
-    from service.bench import bench_serve, parse_edits, write_report
+    from service.bench import bench_serve, write_report
+    from service.bench_modes import parse_edits
 
     edits = parse_edits(args.edits) if args.edits is not None else None
     _check_bundle(args.bundle)
@@ -113,8 +147,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.bundle.resolve(), args.duration, args.concurrency, args.warmup, args.rounds, args.policy, edits
     )
     write_report(result, args.out)
-    summary = {"out": str(args.out), "steer": result["steer"], "http": result["http"], "batching": result["batching"]}
+    summary = {key: result[key] for key in ("steer", "http", "floor_ratios", "batching")}
+    summary = {"out": str(args.out), **summary}
     print(json.dumps(summary))
+    return 0
+
+
+def _bench_profile(args: argparse.Namespace) -> int:
+    from service.bench import write_report
+    from service.bench_profile import profile_serve, render
+
+    _check_bundle(args.bundle)
+    result = profile_serve(args.bundle.resolve(), args.concurrency, args.duration, args.warmup, args.py_spy)
+    write_report(result, args.out)
+    print(render(result))
+    return 0
+
+
+def _bench_reliability(args: argparse.Namespace) -> int:
+    from recsae_core.common.artifacts import write_json
+    from service.reliability import bench_reliability
+
+    to = args.to.resolve() if args.to is not None else None
+    options = RELIABILITY_OPTIONS.build(args, bundle=args.bundle.resolve(), scenario=args.scenario, to=to)
+    for folder in (args.bundle, *([to] if to else [])):
+        _check_bundle(folder)
+    result = bench_reliability(options)
+    write_json(args.out, result)
+    print(json.dumps({"out": str(args.out), args.scenario: result[args.scenario]}))
     return 0
 
 

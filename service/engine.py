@@ -3,20 +3,25 @@ steer the rows that carry edits) -> scores -> top-k.
 
 Plain Python (no Ray), vectorised over a batch in which each row carries its own edits. Without edits the SAE only
 observes: h goes to the ranking untouched, so scores are the original model's. With edits, h' = h + (z' - z) W_dec
-(recsae_core.sae.runtime), and every served item also gets its unsteered rank. Parsing requests is
-service.requests' job, and shaping answers service.responses'.
+(recsae_core.sae.runtime); rows with a fitted policy (erase, spectral, calibrated, popsteer) then get its transform
+(recsae_core.debias.policy_kinds), one numpy call per policy over the rows that ask for it; every steered row's
+served items also get their unsteered rank. Parsing requests is service.requests' job, and shaping answers
+service.responses'.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from recsae_core.bundle.format import Bundle
+from recsae_core.debias.policy_kinds import FittedPolicy, apply_policy, unsteered_lists
 from recsae_core.probe.collect import open_onnx
+from recsae_core.recommenders.ranking import ItemScorer, Masked, count_above, top_k
 from recsae_core.recommenders.recipe import pack_histories
 from recsae_core.sae.edits import Edit
 from recsae_core.sae.runtime import SAERuntime, total_variance
@@ -51,6 +56,12 @@ class Row:
     """The bundled policy the edits came from, if any."""
     suppressed: bool = False
     """Steering was asked for but the kill switch is on: served unsteered."""
+    transform: FittedPolicy | None = None
+    """The fitted policy to apply after the edits (None: none)."""
+    strength: float = 1.0
+    """The request's multiplier of the policy's strength."""
+    edit_weights: list[float] | None = None
+    """Per edit, the multiplier of its change z' - z (a policy's edits at the request's strength); None: all 1."""
 
 
 @dataclass
@@ -68,11 +79,14 @@ class RowResult:
     activations: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     """Their activations."""
     z_new: np.ndarray | None = None
-    """The edited code (dense row) when the row was steered."""
+    """The code behind the served h (dense row) when the row was steered: the edited code, or, with a fitted
+    policy, the SAE's code of the steered h (PopSteer's shifted code; for the others only when explained)."""
     z_edited: np.ndarray | None = None
     """z at the edited latents, before the edit."""
     fvu: float | None = None
     """The row's reconstruction FVU (None when the SAE is off)."""
+    policy_detail: dict[str, Any] | None = None
+    """The row's numbers behind a fitted policy's move (None without one)."""
 
 
 class Engine:
@@ -86,6 +100,9 @@ class Engine:
         self.output = "h" if "h" in outputs else outputs[0]
         self.emb_t = np.ascontiguousarray(bundle.item_embeddings.T, dtype=np.float32)
         self.bias = None if bundle.item_bias is None else bundle.item_bias.astype(np.float32)
+        self.ranker = ItemScorer(self.emb_t, self.bias)
+        """Ranks a block of items at a time (recsae_core.recommenders.ranking): no (rows, n_items) matrix."""
+        self.popularity = np.asarray(bundle.items["popularity"], dtype=np.float64)
         self.h_var = self._calibrate()
         """The FVU denominator: total_variance of h over (up to 512) bundle users."""
         self._warm_up()
@@ -137,12 +154,16 @@ class Engine:
             feed[spec.length_input] = lengths
         return feed
 
+    def _known(self, row: Row) -> np.ndarray:
+        """The row's known items: a bundle user's seen items, or the request's history."""
+        return self.bundle.seen(row.user) if row.user is not None else row.history
+
     def _masks(self, rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
         mask_rows, mask_cols = [], []
         for i, row in enumerate(rows):
             if not row.exclude_seen:
                 continue
-            seen = self.bundle.seen(row.user) if row.user is not None else row.history
+            seen = self._known(row)
             mask_rows.append(np.full(len(seen), i, dtype=np.int64))
             mask_cols.append(seen)
         if not mask_rows:
@@ -163,50 +184,91 @@ class Engine:
         h_use, steered_codes = h, None
         active: list[tuple[np.ndarray, np.ndarray]] = []
         fvu = np.zeros(0)
-        steered = [i for i, row in enumerate(rows) if row.edits]
+        edited = [i for i, row in enumerate(rows) if row.edits]
+        steered = [i for i, row in enumerate(rows) if row.edits or row.transform is not None]
         if steered and not sae:
-            raise ValueError("rows with edits need the SAE (sae=True)")
+            raise ValueError("rows with edits or a fitted policy need the SAE (sae=True)")
+        by_policy: dict[int, tuple[np.ndarray | None, dict[str, Any]]] = {}
         if sae:
             seen = self.sae.monitor(h, self.h_var)
             active, fvu = [seen.codes.active(i) for i in range(len(rows))], seen.fvu
-            if steered:
-                steered_codes = self.sae.steer(h, [row.edits for row in rows], seen.codes)
+            if edited:
+                weights = [row.edit_weights for row in rows] if any(row.edit_weights for row in rows) else None
+                steered_codes = self.sae.steer(h, [row.edits for row in rows], seen.codes, weights)
                 h_use = steered_codes.h
+            if any(row.transform is not None for row in rows):
+                h_use, by_policy = self._apply_policies(rows, h, h_use)
         t2 = time.perf_counter()
-        scores = self.scores(h_use)
-        mask_r, mask_c = self._masks(rows)
-        scores[mask_r, mask_c] = -np.inf
-        results = self._top(rows, scores)
-        if steered_codes is not None:
-            original = self.scores(h[steered])
-            position = np.full(len(rows), -1)
-            position[steered] = np.arange(len(steered))
-            keep = position[mask_r] >= 0
-            original[position[mask_r[keep]], mask_c[keep]] = -np.inf
+        masked = Masked(*self._masks(rows))
+        results = self._top(rows, h_use, masked)
+        if steered:
+            above = count_above(self.ranker, h[steered], [results[i].items for i in steered], masked.take(steered))
             for j, i in enumerate(steered):
-                served = original[j, results[i].items]
-                results[i].original_ranks = 1 + (original[j][None, :] > served[:, None]).sum(1)
-                results[i].z_new = steered_codes.z_new[i]
-                results[i].z_edited = steered_codes.z[i, [e.latent for e in rows[i].edits]]
+                results[i].original_ranks = 1 + above[j]
+                if rows[i].edits:
+                    results[i].z_new = steered_codes.z_new[i]
+                    results[i].z_edited = steered_codes.z[i, [e.latent for e in rows[i].edits]]
+            self._policy_results(rows, results, h_use, by_policy)
         for i, (latents, activations) in enumerate(active):
             results[i].latents, results[i].activations, results[i].fvu = latents, activations, float(fvu[i])
         t3 = time.perf_counter()
         timings = {"represent": t1 - t0, "sae": t2 - t1, "rank": t3 - t2, "total": t3 - t0}
         return results, {k: v * 1000 for k, v in timings.items()}
 
-    def _top(self, rows: list[Row], scores: np.ndarray) -> list[RowResult]:
-        n_items = scores.shape[1]
-        kmax = min(max(row.k for row in rows), n_items)
-        if kmax < n_items:
-            candidates = np.argpartition(-scores, kmax - 1, axis=1)[:, :kmax]
-        else:
-            candidates = np.broadcast_to(np.arange(n_items), scores.shape)
+    def _apply_policies(
+        self, rows: list[Row], h: np.ndarray, h_use: np.ndarray
+    ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray | None, dict[str, Any]]]]:
+        """Each fitted policy in the batch applied once, to the rows that ask for it (after their edits). A
+        calibrated policy reads each row's unsteered list (from h, its known items masked whatever exclude_seen says,
+        so the per-user strength does not depend on request flags) and known items. Returns the new h and, per row,
+        the code behind it (PopSteer) and the numbers behind the move."""
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.transform is not None:
+                groups.setdefault(id(row.transform), []).append(i)
+        out, by_row = h_use.copy(), {}
+        for indices in groups.values():
+            policy = rows[indices[0]].transform
+            lists = histories = None
+            if policy.list_k is not None:
+                histories = [self._known(rows[i]) for i in indices]
+                scores = self.scores(h[indices])
+                for j, known in enumerate(histories):
+                    scores[j, known] = -np.inf
+                lists = unsteered_lists(scores, policy.list_k)
+            strength = np.asarray([rows[i].strength for i in indices])
+            applied = apply_policy(policy, out[indices], strength, sae=self.sae, lists=lists, histories=histories,
+                                   popularity=self.popularity)  # fmt: skip
+            out[indices] = applied.h
+            for j, i in enumerate(indices):
+                code = None if applied.z_new is None else applied.z_new[j]
+                by_row[i] = (code, {key: values[j] for key, values in applied.detail.items()})
+        return out, by_row
+
+    def _policy_results(
+        self, rows: list[Row], results: list[RowResult], h_use: np.ndarray,
+        by_policy: dict[int, tuple[np.ndarray | None, dict[str, Any]]],
+    ) -> None:  # fmt: skip
+        """Rows with a fitted policy: its per-row numbers, and the code behind the served h (encoded here, in one
+        call, for the explained rows whose policy does not compute it)."""
+        encode = []
+        for i, (code, detail) in by_policy.items():
+            results[i].policy_detail = detail
+            if code is not None:
+                results[i].z_new = code
+            elif rows[i].explain:
+                encode.append(i)
+        if encode:
+            codes = self.sae.encode(h_use[encode]).dense(self.sae.n_latents)
+            for j, i in enumerate(encode):
+                results[i].z_new = codes[j]
+
+    def _top(self, rows: list[Row], h: np.ndarray, masked: Masked) -> list[RowResult]:
+        """Each row's k best unmasked items (score descending, then index ascending)."""
+        best = top_k(self.ranker, h, max(row.k for row in rows), masked)
         out = []
         for i, row in enumerate(rows):
-            cand = candidates[i]
-            values = scores[i, cand]
-            order = np.lexsort((cand, -values))[: row.k]
-            chosen, chosen_scores = cand[order], values[order]
+            chosen, chosen_scores = best.items[i, : row.k], best.scores[i, : row.k]
             finite = np.isfinite(chosen_scores)
             out.append(RowResult(items=chosen[finite], scores=chosen_scores[finite]))
         return out

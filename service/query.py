@@ -1,9 +1,10 @@
 """GET /v1/recommend: the query-string form of a recommendation request.
 
-    ?user_id=196&k=10&exclude_seen=true&policy=NAME&ablate=a,b&steer=concept:1.5,other:-2&explain=true
+    ?user_id=196&k=10&exclude_seen=true&policy=NAME&strength=0.5&ablate=a,b&steer=concept:1.5,other:-2&explain=true
 
 `history` takes comma-separated item ids; `ablate` takes concept names or latent indices; `steer` takes
-`target:value` pairs (repeatable, or comma-separated) meaning a nudge of `value` std units.
+`target:value` pairs (repeatable, or comma-separated) meaning a nudge of `value` std units; `strength` scales the
+policy (steering.strength).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.datastructures import QueryParams
 from service.errors import RequestError
 from service.schemas import RecommendRequest, ServiceConfig, validation_message
 
-ALLOWED = ("user_id", "history", "k", "exclude_seen", "policy", "ablate", "steer", "explain")
+ALLOWED = ("user_id", "history", "k", "exclude_seen", "policy", "strength", "ablate", "steer", "explain")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -42,7 +43,7 @@ def query_request(params: QueryParams, config: ServiceConfig) -> RecommendReques
     unknown = sorted(set(params.keys()) - set(ALLOWED))
     if unknown:
         raise RequestError(422, f"unknown query parameter(s) {unknown}; allowed: {', '.join(ALLOWED)}")
-    for name in ("user_id", "k", "exclude_seen", "policy", "explain"):
+    for name in ("user_id", "k", "exclude_seen", "policy", "strength", "explain"):
         if len(params.getlist(name)) > 1:
             raise RequestError(422, f"{name}: given {len(params.getlist(name))} times; give it once")
     body: dict[str, Any] = {}
@@ -68,10 +69,15 @@ def query_request(params: QueryParams, config: ServiceConfig) -> RecommendReques
         if not sep or not target or not math.isfinite(number):
             raise RequestError(422, f"steer: expected 'concept:value' with a finite number (got {token!r})")
         edits.append({**_target(target), "op": "nudge", "value": number, "unit": "std"})
-    if edits or "policy" in params:
+    if edits or "policy" in params or "strength" in params:
         body["steering"] = {"edits": edits}
         if "policy" in params:
             body["steering"]["policy"] = params["policy"]
+        if "strength" in params:
+            try:
+                body["steering"]["strength"] = float(params["strength"])
+            except ValueError:
+                raise RequestError(422, f"strength: expected a number (got {params['strength']!r})") from None
     try:
         return RecommendRequest.model_validate(body, context={"config": config})
     except ValidationError as err:

@@ -44,6 +44,13 @@ class RequestParser:
             row.policy = steering.policy
             row.suppressed = not steering_enabled
             row.edits = resolved if steering_enabled else []
+            if steering.policy is not None and steering_enabled:
+                policy = self.catalog.policy(steering.policy)
+                row.transform = policy.fitted
+                if steering.strength is not None:
+                    row.strength = steering.strength
+                    # resolve_steering puts the policy's edits first
+                    row.edit_weights = [steering.strength] * len(policy.edits) + [1.0] * len(edits) or None
         return row
 
     def _history(self, history: list[str | int]) -> np.ndarray:

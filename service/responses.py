@@ -25,7 +25,7 @@ class Responses:
 
     def recommend(self, row: Row, result: RowResult, explain_top: int = 8) -> dict[str, Any]:
         """POST/GET /v1/recommend (RecommendResponse)."""
-        steered = bool(row.edits)
+        steered = bool(row.edits) or row.transform is not None
         items = []
         for rank, (item, score) in enumerate(zip(result.items, result.scores, strict=True), start=1):
             entry = {"item_id": self.item_ids[item], "title": self.titles[item], "score": float(score), "rank": rank}
@@ -64,7 +64,18 @@ class Responses:
                     "after": float(result.z_new[edit.latent]),
                 }
             )
-        return {"latents": reports, "edits": edits, "l0": len(result.latents), "fvu": result.fvu}
+        out = {"latents": reports, "edits": edits, "l0": len(result.latents), "fvu": result.fvu}
+        if row.policy is not None and not row.suppressed:
+            out["policy"] = self.policy_report(row, result)
+        return out
+
+    def policy_report(self, row: Row, result: RowResult) -> dict[str, Any]:
+        """The policy a row was steered by: kind, the strength applied (the policy's x the request's multiplier;
+        an edit policy's own strength is 1) and the row's numbers behind the move."""
+        policy = self.catalog.policies[row.policy]
+        fitted = policy.fitted.strength if policy.fitted is not None else 1.0
+        return {"name": policy.name, "kind": policy.kind, "strength": fitted * row.strength,
+                "multiplier": row.strength, "detail": result.policy_detail or {}}  # fmt: skip
 
     def concept_detail(self, name: str, n_items: int = 10) -> dict[str, Any]:
         """GET /v1/concepts/{name}: a concept's statistics and the items its decoder direction raises and lowers most
@@ -90,13 +101,19 @@ class Responses:
         return {"policies": [self.policy_summary(p) for p in self.catalog.policies.values()], "versions": self.versions}
 
     def policy_summary(self, policy: Policy) -> dict[str, Any]:
-        return {
+        out = {
             "name": policy.name,
             "description": policy.description,
+            "kind": policy.kind,
             "edits": [self.edit_summary(e) for e in policy.edits],
             "usable": policy.error is None,
             "error": policy.error,
         }
+        if policy.fitted is not None:
+            fitted = policy.fitted
+            out.update(strength=fitted.strength, strength_means=fitted.spec.strength, options=fitted.options,
+                       fit=fitted.fit)  # fmt: skip
+        return out
 
     def edit_summary(self, edit: Edit) -> dict[str, Any]:
         """An edit as answers and listings show it (also the bench's record of what it steered with)."""

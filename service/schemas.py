@@ -25,25 +25,37 @@ class ServiceConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bundle: str = Field(min_length=1, description="bundle folder; changing it hot-swaps the model")
+    bundle_version: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="expected versions.bundle of the bundle's manifest: a replica refuses a folder that holds another "
+        "bundle (a rollout pins it, so a replica started later serves what the others do); changing it reloads",
+    )
     max_k: int = Field(100, ge=1, le=10000, description="largest k a request may ask for")
     max_history: int = Field(200, ge=1, le=100000, description="most item ids in a request's history")
     max_body_bytes: int = Field(65536, ge=1024, le=16 << 20, description="larger request bodies get 413")
     max_edits: int = Field(32, ge=1, le=1024, description="most edits per request (policy edits included)")
     max_abs_std: float = Field(10.0, gt=0, le=1000, description="bound on |pin/nudge| in std units of a latent")
     max_scale: float = Field(10.0, gt=0, le=1000, description="bound on |scale| factors")
+    max_policy_strength: float = Field(
+        4.0, gt=0, le=1000, description="bound on a request's steering.strength (a multiplier of the policy's)"
+    )
     explain_top: int = Field(8, ge=1, le=256, description="latents listed by explain")
     sae: bool = Field(True, description="false = bare mode: the SAE is skipped (no monitoring, steering, explain)")
     steering: bool = Field(
         True, description="false = kill switch: steering is ignored and every request gets the original ranking"
     )
-    batching: bool = Field(True, description="group concurrent requests with @serve.batch")
+    batching: bool = Field(True, description="group concurrent requests (service.batching)")
     max_batch_size: int = Field(32, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=1, description="extra wait for a batch that is not full (0: none; requests that arrive while a "
+        "batch runs form the next one anyway)"
+    )  # fmt: skip
     concept_metric_cap: int = Field(64, ge=0, le=256, description="concept label values exported (rest 'other')")
     drift_window: int = Field(2048, ge=16, le=1_000_000, description="requests in the live-statistics window")
     threads: int = Field(1, ge=1, le=256, description="ONNX Runtime / torch threads per replica")
 
-    @field_validator("max_abs_std", "max_scale", "batch_wait_timeout_s")
+    @field_validator("max_abs_std", "max_scale", "max_policy_strength", "batch_wait_timeout_s")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -92,12 +104,33 @@ class EditIn(BaseModel):
 
 
 class Steering(BaseModel):
-    """A named policy, explicit edits, or both (they may not touch the same latent)."""
+    """A named policy, explicit edits, or both (they may not touch the same latent); `strength` scales the policy."""
 
     model_config = ConfigDict(extra="forbid")
 
     policy: str | None = Field(None, min_length=1, max_length=200)
     edits: list[EditIn] = Field(default_factory=list)
+    strength: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="multiplier of the policy's strength (1 = as fitted; 0 = no move): for edit policies it scales "
+        "each edit's change of its latent, for fitted policies their t or alpha; in [0, max_policy_strength]",
+    )
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, strength: float | None, info: ValidationInfo) -> float | None:
+        cfg = _config(info)
+        bound = cfg.max_policy_strength if cfg is not None else math.inf
+        if strength is not None and not 0 <= strength <= bound:
+            raise ValueError(f"must be between 0 and {bound:g} (got {strength:g})")
+        return strength
+
+    @model_validator(mode="after")
+    def _strength_needs_policy(self) -> Steering:
+        if self.strength is not None and self.policy is None:
+            raise ValueError("'strength' scales a policy; give 'policy' too")
+        return self
 
     @field_validator("edits")
     @classmethod
@@ -183,11 +216,20 @@ class AppliedEdit(BaseModel):
     after: float
 
 
+class PolicyReport(BaseModel):
+    name: str
+    kind: str = Field(description="'edits' or an op name for edit policies; erase, spectral, calibrated, popsteer")
+    strength: float = Field(description="the strength applied: the policy's x the request's multiplier")
+    multiplier: float = Field(description="the request's steering.strength (1 when not given)")
+    detail: dict[str, Any] = Field(default_factory=dict, description="this row's numbers behind the move")
+
+
 class Explanation(BaseModel):
     latents: list[LatentReport]
     edits: list[AppliedEdit]
     l0: int
     fvu: float
+    policy: PolicyReport | None = None
 
 
 class RecommendResponse(BaseModel):

@@ -1,4 +1,6 @@
-"""Concept names and policies of a bundle, resolved to latents and edit lists once, when the bundle loads."""
+"""Concept names and policies of a bundle, resolved once, when the bundle loads: concepts to latents, edit policies to
+validated edit lists, fitted policies (erase, spectral, calibrated, popsteer) to checked arrays
+(recsae_core.debias.policy_kinds)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 from recsae_core.bundle.format import Bundle
 from recsae_core.common.errors import ConfigError
 from recsae_core.debias.bias_metrics import head_mask
+from recsae_core.debias.policy_kinds import EDIT_KINDS, FITTED_KINDS, KINDS, FittedPolicy, parse_policy
 from recsae_core.sae.edits import Edit, EditBounds, validate_edits
 from recsae_core.sae.stats import LatentStats
 from service.errors import RequestError
@@ -36,16 +39,20 @@ def suggest(name: str, choices: list[str], what: str) -> str:
 
 @dataclass
 class Policy:
-    """A bundled policy: resolved edits, or why it cannot be used."""
+    """A bundled policy: resolved edits or a fitted transform, or why it cannot be used."""
 
     name: str
     """The policy file's name without .json."""
     description: str
     """Its description (empty when it has none)."""
     edits: list[Edit]
-    """Its edits, resolved to latents and validated (empty when unusable)."""
+    """Its edits, resolved to latents and validated (empty when unusable, and for fitted policies)."""
     error: str | None = None
     """Why the policy cannot be used with this bundle (None when it can)."""
+    kind: str = "edits"
+    """One of recsae_core.debias.policy_kinds.KINDS ('edits' for a file that names none)."""
+    fitted: FittedPolicy | None = None
+    """The checked transform of a fitted policy (None for edit policies and unusable ones)."""
 
 
 class Catalog:
@@ -54,6 +61,8 @@ class Catalog:
 
     def __init__(self, bundle: Bundle, stats: LatentStats, n_latents: int, bounds: EditBounds) -> None:
         self.n_latents, self.stats, self.bounds = n_latents, stats, bounds
+        self.d: int | None = int(bundle.manifest["d"]) if "d" in bundle.manifest else None
+        """Width of h (a verified bundle's manifest always has it); fitted policies' arrays are checked against it."""
         self.concepts: list[dict[str, Any]] = []
         self.by_name: dict[str, dict[str, Any]] = {}
         self.latent_name: dict[int, str] = {}
@@ -118,19 +127,29 @@ class Catalog:
     def _policy(self, name: str, body: Any) -> Policy:
         description = str(body.get("description", "")) if isinstance(body, dict) else ""
         raw = body if isinstance(body, dict) else {}
+        kind = raw.get("kind", "edits")
         try:
+            if not isinstance(kind, str) or kind not in KINDS:
+                kind = str(kind)
+                raise ConfigError(f"unknown kind {raw.get('kind')!r}; expected one of {', '.join(KINDS)}")
             if problem := identity_mismatch(raw.get("made_for"), self.identity):
                 raise ConfigError(problem)
+            if kind in FITTED_KINDS:
+                if self.d is None:
+                    raise ConfigError("the bundle manifest lacks the width of h; the arrays cannot be checked")
+                return Policy(name, description, [], kind=kind, fitted=parse_policy(raw, self.d, self.n_latents))
             entries = raw.get("edits")
             if not isinstance(entries, list) or not entries:
                 raise ConfigError("needs a non-empty 'edits' list")
             parsed = [self._policy_edit(i, entry) for i, entry in enumerate(entries)]
             edits = validate_edits(parsed, self.n_latents, self.bounds, self.stats)
+            if kind in EDIT_KINDS[1:] and (other := sorted({e.op for e in edits} - {kind})):
+                raise ConfigError(f"kind '{kind}' but it also has {', '.join(other)} edits; use kind 'edits'")
         except ConfigError as err:
             log.warning("policy %r is unusable: %s", name, err)
-            return Policy(name, description, [], str(err))
+            return Policy(name, description, [], str(err), kind=kind)
         # JSON integers become floats once validated, as a request's values are.
-        return Policy(name, description, [Edit(e.latent, e.op, float(e.value), e.unit) for e in edits])
+        return Policy(name, description, [Edit(e.latent, e.op, float(e.value), e.unit) for e in edits], kind=kind)
 
     def _policy_edit(self, i: int, entry: Any) -> Edit:
         """A policy file's edit: a concept name, if given, becomes its latent; other keys than the Edit's fields and

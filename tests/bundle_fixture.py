@@ -20,12 +20,9 @@ from recsae_core.bundle.export import contents_from_run
 from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.errors import RecsaeError
 from recsae_core.common.layout import STATS_FILE
-from recsae_core.data.datasets import load_dataset
-from recsae_core.data.splits import make_split
 from recsae_core.probe.collect import collect, load_activations
 from recsae_core.recommenders.config import TrainConfig
-from recsae_core.recommenders.run import RunContext
-from recsae_core.recommenders.train import build_model, train_recommender
+from recsae_core.recommenders.run import load_run, train_step
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import latent_statistics, save_stats
 from recsae_core.sae.train import train_sae
@@ -59,14 +56,11 @@ def build_test_bundle(out: Path, n_latents: int = 256, k: int = 8, sae_epochs: i
         return out
     except RecsaeError:
         pass
-    torch.manual_seed(0)
-    data = load_dataset("ml-100k")
-    split = make_split(data, "recbole", sequential=True, seed=2020)
-    model = build_model("sasrec", data.n_users, data.n_items, split)
-    train_recommender(model, split, TrainConfig(epochs=1, patience=1, progress=False))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ctx = RunContext(root, data, split, model.eval(), {"dataset": "ml-100k", "protocol": "recbole", "seed": 2020})
+        # Trained as the pipeline trains (and written as its contract), then read back as every later step reads it.
+        train_step(root / "run", "ml-100k", "sasrec", "recbole", TrainConfig(epochs=1, patience=1, progress=False))
+        ctx = load_run(root / "run")
         activations, _, _ = load_activations(collect(ctx, progress=False).folder)
         sample = activations[torch.randperm(len(activations), generator=torch.Generator().manual_seed(0))[:20000]]
         # Every epoch scored on training FVU, no tolerance, plateau drops, time limit or dead-latent rule: fast.

@@ -100,3 +100,12 @@ def service_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real bundle every service test serves (SASRec on ML-100K + TopK SAE + catalog + policies; see
     bundle_fixture.py), built once per session, or $RECSAE_TEST_BUNDLE."""
     return build_test_bundle(tmp_path_factory.getbasetemp() / "service-bundle")
+
+
+@pytest.fixture(scope="session")
+def fitted_bundle(service_bundle: Path, ml100k: Dataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The service bundle written again with fitted policies (erase, calibrated, spectral, popsteer, and one made for
+    another SAE), fit on its own data; see fitted_policies.py."""
+    from fitted_policies import bundle_with_fitted_policies
+
+    return bundle_with_fitted_policies(service_bundle, ml100k, tmp_path_factory.getbasetemp() / "fitted-bundle")

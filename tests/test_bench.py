@@ -12,22 +12,21 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import ray
 from _cli import cli_refusal
 
 import service.bench
-from recsae_core.common.errors import ConfigError
-from service.bench import (
-    MODES,
-    LoadRun,
-    SteeringNotApplied,
-    plan_steering,
-    replica_bench,
-    steering_reported,
-    summarize,
-)
+import service.bench_replica
+from recsae_core.common.errors import ConfigError, RecsaeError
+from service.bench import FLOOR, floor_ratios
+from service.bench_load import LoadRun, summarize
+from service.bench_modes import MODES, SteeringNotApplied, plan_steering, steering_reported
+from service.bench_replica import replica_bench
 from service.cli import main
+from service.floor import FloorServer
+from service.local import free_port, start_local
 from service.schemas import ServiceConfig
 from service.served import Served
 from service.steering import Policy
@@ -160,8 +159,8 @@ def test_bad_steering_options_fail_in_one_line_before_ray_starts(
 @pytest.fixture
 def small_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     """Shrink the in-process parts of a bench run (the HTTP part is shrunk by TINY_RUN)."""
-    monkeypatch.setattr(service.bench, "ENGINE_BATCHES", (1,))
-    monkeypatch.setattr(service.bench, "REPLICA_REQUESTS", 20)
+    monkeypatch.setattr(service.bench_replica, "ENGINE_BATCHES", (1,))
+    monkeypatch.setattr(service.bench_replica, "REPLICA_REQUESTS", 20)
 
 
 @pytest.mark.slow
@@ -181,6 +180,14 @@ def test_bench_serve_records_the_steering_and_that_every_answer_was_steered(
     assert steer["checked"] == steer["steering_applied"] == http["steer"]["checked"]
     assert http["monitor"]["checked"] > 0 and http["monitor"]["steering_applied"] == 0
     assert set(report["replica_ms"]) == set(MODES)
+    # The floor ran beside the modes, and every mode is given against it.
+    assert http[FLOOR]["requests"] > 0 and http[FLOOR]["errors"] == 0 and http[FLOOR]["steering_applied"] == 0
+    ratios = report["floor_ratios"]["1"]
+    assert set(report["floor_ratios"]) == {"1"} and set(ratios) == set(MODES)
+    for mode in MODES:
+        assert set(ratios[mode]) == {"p50", "p99", "rps"}
+        assert ratios[mode]["p50"] == pytest.approx(http[mode]["p50_ms"] / http[FLOOR]["p50_ms"], abs=1e-3)
+        assert ratios[mode]["rps"] == pytest.approx(http[mode]["rps"] / http[FLOOR]["rps"], abs=1e-3)
 
 
 @pytest.mark.slow
@@ -238,3 +245,73 @@ def test_replica_bench_fails_when_steering_is_switched_off(served_on_ray: tuple[
         SteeringNotApplied, match=r"replica_bench, steer mode: 30 of 30 answers to steering .*\(kill switch\)"
     ):
         replica_bench(served, config, plan_steering(served, config), n=30)
+
+
+# ------------------------------------------------------------------ the floor
+
+
+def test_floor_ratios_divide_each_mode_by_the_floor() -> None:
+    def row(p50: float, p99: float, rps: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p99, "rps": rps}
+
+    out = floor_ratios(
+        {FLOOR: row(2, 4, 400), "bare": row(10, 20, 100), "monitor": row(11, 30, 80), "steer": row(12, 40, 0)}
+    )
+    assert out == {
+        "bare": {"p50": 5.0, "p99": 5.0, "rps": 0.25},
+        "monitor": {"p50": 5.5, "p99": 7.5, "rps": 0.2},
+        "steer": {"p50": 6.0, "p99": 10.0, "rps": 0.0},
+    }
+    # A floor without answers gives no ratio rather than infinity.
+    assert floor_ratios({FLOOR: row(float("nan"), float("nan"), 0), **{m: row(1, 1, 1) for m in MODES}})["bare"] == {
+        "p50": None,
+        "p99": None,
+        "rps": None,
+    }
+
+
+FLOOR_SETTINGS = {"max_body_bytes": 4096, "max_history": 60}
+
+
+@pytest.mark.slow
+def test_floor_answers_exactly_as_the_deployment(service_bundle: Path) -> None:
+    """The floor is the deployment's request path without Ray: the same bytes for the same request, good or bad."""
+    served = Served.load(service_bundle, threads=1)
+    users = [str(u) for u in served.bundle.user_ids[:3]]
+    items = served.responses.item_ids
+    concept = served.catalog.concepts[0]["name"]
+    requests = [
+        {"user_id": users[0]},
+        {"user_id": users[1], "k": 3, "explain": True},
+        {"user_id": users[2], "k": 20, "exclude_seen": False},
+        {"history": [items[3], items[17], items[42]], "k": 5, "explain": True},
+        {"user_id": users[0], "steering": {"policy": "tail-boost"}, "explain": True},
+        {"user_id": users[1], "steering": {"edits": [{"concept": concept, "op": "nudge", "value": 1, "unit": "std"}]}},
+        {"user_id": "no-such-user"},
+        {"user_id": users[0], "steering": {"policy": "broken"}},
+        {"user_id": users[0], "k": "many"},
+        {"history": [items[0]] * 61},
+        {"user_id": users[0], "pad": "x" * 5000},
+    ]
+    payloads = [json.dumps(body).encode() for body in requests] + [b"{not json"]
+    floor = FloorServer.start(service_bundle, FLOOR_SETTINGS)
+    try:
+        service = start_local(service_bundle, port=free_port(), metrics_port=free_port(), user_config=FLOOR_SETTINGS)
+        try:
+            statuses = set()
+            for payload in payloads:
+                ours = httpx.post(f"{floor.url}/v1/recommend", content=payload, timeout=30)
+                theirs = httpx.post(f"{service.url}/v1/recommend", content=payload, timeout=30)
+                assert (ours.status_code, ours.content) == (theirs.status_code, theirs.content), payload[:80]
+                statuses.add(ours.status_code)
+            assert {200, 404, 413, 422} <= statuses
+        finally:
+            service.stop()
+    finally:
+        floor.stop()
+    assert floor.process.returncode is not None
+
+
+def test_floor_that_cannot_start_says_why(tmp_path: Path) -> None:
+    with pytest.raises(RecsaeError, match=r"the floor server exited with code 2: floor: error: .*manifest"):
+        FloorServer.start(tmp_path)

@@ -16,7 +16,14 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from recsae_core.bundle.export import contents_from_run
-from recsae_core.bundle.format import FORMAT_VERSION, MANIFEST, load_bundle, verify_bundle, write_bundle
+from recsae_core.bundle.format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    load_bundle,
+    verify_bundle,
+    write_bundle,
+    write_manifest,
+)
 from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import RunLayout
 from recsae_core.pipeline import steps as pipeline
@@ -67,7 +74,7 @@ def refit_sha(folder: Path, name: str) -> None:
     """Record `name`'s new hash in the manifest, so only the deeper checks can catch the edit."""
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"][name] = sha256(folder / name)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     verify_bundle(folder)
 
 
@@ -248,7 +255,7 @@ def test_refuses_item_embedding_shape_mismatch(bundle_copy):
 def test_refuses_bad_input_spec(bundle_copy, changes, needle):
     manifest = json.loads((bundle_copy / MANIFEST).read_text())
     manifest["inputs"].update(changes)
-    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(bundle_copy, manifest)  # a consistent manifest: only the input check can refuse it
     assert needle in refused(bundle_copy, bundle_copy / MANIFEST)
     refused(bundle_copy, bundle_copy / MANIFEST, load=verify_bundle)
 

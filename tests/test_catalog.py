@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from test_llm_client import llama_server  # noqa: F401 (a fixture)
 
-from recsae_core.common.errors import ArtifactError, ConfigError
+from recsae_core.common.artifacts import write_record
+from recsae_core.common.errors import ArtifactError, ConfigError, IncompleteError
 from recsae_core.common.layout import STATS_FILE, RunLayout
 from recsae_core.concepts.catalog import CATALOG, REPORT, CatalogOptions, build_catalog
 from recsae_core.concepts.llm_client import LLMOptions
@@ -160,13 +161,17 @@ def test_catalog_complete_tracks_the_sae_and_missing_inputs_are_named(run_dir, c
     assert RunLayout(run_dir).catalog_complete()
     assert catalog["run"]["sae"]["weights_sha256"] and catalog["summary"]["seconds"] > 0
     copy = tmp_path / "run"
-    for part in ("recommender", "sae", "concepts"):
+    for part in ("recommender", "probe", "sae", "concepts"):
         shutil.copytree(run_dir / part, copy / part)
     assert RunLayout(copy).catalog_complete()
     weights = copy / "sae" / "sae_weights.safetensors"
-    weights.write_bytes(weights.read_bytes() + b" ")  # a retrained SAE makes the catalog stale
-    assert not RunLayout(copy).catalog_complete()
-    with pytest.raises(ArtifactError, match=r"probe/meta.json: missing; run 'recsae train-sae"):
+    weights.write_bytes(weights.read_bytes() + b" ")
+    assert not RunLayout(copy).catalog_complete()  # a changed SAE file: refused (test_crash_safety)
+    write_record(copy / "sae")  # as if the SAE had been retrained: intact, and the catalog stale
+    with pytest.raises(IncompleteError, match="built for another SAE"):
+        RunLayout(copy).verify_catalog()
+    shutil.rmtree(copy / "probe")
+    with pytest.raises(ArtifactError, match=r"probe: not written; run 'recsae pipeline' \(or 'recsae train-sae"):
         build_catalog(copy, options=SMALL)
 
 

@@ -142,10 +142,11 @@ def test_no_options_give_the_config_defaults(argv, options):
 
 def test_every_sae_flag_reaches_the_config():
     argv = ["train-sae", "--run", "r", "--latents", "64", "--k", "4", "--sae-lr", "0.01", "--sae-epochs", "7",
-            "--sae-max-minutes", "0", "--dead-after", "500", "--device", "cuda", "--quiet"]  # fmt: skip
+            "--sae-max-samples", "5000", "--sae-max-minutes", "0", "--dead-after", "500", "--device", "cuda",
+            "--quiet"]  # fmt: skip
     config = SAE_OPTIONS.build(build_parser().parse_args(argv))
-    assert config == SAETrainConfig(n_latents=64, k=4, lr=0.01, epochs=7, max_minutes=0, dead_after=500,
-                                    device="cuda", progress=False)  # fmt: skip
+    assert config == SAETrainConfig(n_latents=64, k=4, lr=0.01, epochs=7, max_samples=5000, max_minutes=0,
+                                    dead_after=500, device="cuda", progress=False)  # fmt: skip
     assert config.max_seconds is None  # 0 = no limit
 
 

@@ -84,7 +84,7 @@ def test_configs_cover_every_service_setting() -> None:
     fields = set(ServiceConfig.model_fields)
     serve = yaml.safe_load((DEPLOY / "serve.yaml").read_text())
     (app,) = serve["applications"]
-    (deployment,) = app["deployments"]
+    (deployment,) = [d for d in app["deployments"] if d["name"] == "recsae"]  # the model; `ingress` relays to it
     assert set(deployment["user_config"]) == fields
     assert app["args"]["bundle"] == deployment["user_config"]["bundle"]
     ServiceConfig.model_validate(deployment["user_config"])
@@ -241,6 +241,133 @@ def test_crd_validator_accepts_rayservice_rayjob_and_api_server_normalization(
     run = validate("crd", "--expect", "RayService", path)
     assert run.returncode == 1
     assert "spec.entrypoint: 7 is not of type 'string'" in run.stdout and "no RayService in the file" in run.stdout
+
+
+# ---------------------------------------------------------------- the optional RayJob (the offline pipeline)
+
+
+def helm_template(*sets: str, release: str = "recsae") -> subprocess.CompletedProcess[str]:
+    helm = str(HELM) if HELM.exists() else shutil.which("helm")
+    assert helm
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.run([helm, "template", release, str(CHART), *args], capture_output=True, text=True, timeout=60)
+
+
+def _rendered(*sets: str) -> dict[str, dict[str, Any]]:
+    run = helm_template(*sets)
+    assert run.returncode == 0, run.stderr
+    return {d["kind"]: d for d in yaml.safe_load_all(run.stdout) if d}
+
+
+def _job_pods(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The RayJob's pod templates: head, workers, submitter."""
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [g["template"] for g in groups] + [job["spec"]["submitterPodTemplate"]]
+
+
+def _claim_mounts(pod: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(claim, mount path, read-only) of every PVC the pod mounts."""
+    volumes = pod["spec"].get("volumes", [])
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in volumes if "persistentVolumeClaim" in v}
+    out = []
+    for container in pod["spec"]["containers"]:
+        for mount in container.get("volumeMounts", []):
+            if (claim := claims.get(mount["name"])) is not None:
+                read_only = bool(mount.get("readOnly") or claim.get("readOnly"))
+                out.append((claim["claimName"], mount["mountPath"], read_only))
+    return out
+
+
+def test_rayjob_is_off_by_default(tools: None) -> None:
+    assert "RayJob" not in _rendered()
+
+
+def test_rayjob_runs_the_pipeline_and_writes_where_the_rayservice_reads(tools: None, tmp_path: Path) -> None:
+    """Same image and storage; its bundle is what the RayService serves after `--set bundle.subPath=runs/RUN/bundle`;
+    strict against KubeRay 1.7.0's RayJob CRD; its pods stay out of the serving Service's selector."""
+    run = helm_template("rayJob.enabled=true")
+    assert run.returncode == 0, run.stderr
+    path = tmp_path / "rayjob.yaml"
+    path.write_text(run.stdout)
+    check = validate("crd", "--expect", "RayJob", "--expect", "RayService", path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "RayJob/recsae-ml-1m-sasrec (ray.io/v1, strict)" in check.stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(run.stdout) if d}
+    job, service, selector = docs["RayJob"], docs["RayService"], docs["Service"]["spec"]["selector"]
+    spec = job["spec"]
+    assert spec["entrypoint"] == (
+        "recsae pipeline --dataset ml-1m --model sasrec --out /models/recsae/runs/ml-1m-sasrec --ray-address auto"
+    )
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    assert spec["rayClusterSpec"]["rayVersion"] == service["spec"]["rayClusterConfig"]["rayVersion"]
+    serving_head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    image = serving_head["spec"]["containers"][0]["image"]
+    served_claims = _claim_mounts(serving_head)
+    assert served_claims == [("recsae-bundles", "/models/recsae", True)]
+    for pod in _job_pods(job):
+        assert {c["image"] for c in pod["spec"]["containers"]} == {image}
+        labels = pod["metadata"]["labels"]
+        assert not selector.items() <= labels.items(), f"{labels} joins the serving Service {selector}"
+    for pod in _job_pods(job)[:-1]:  # the Ray nodes write the run folder; the submitter only submits
+        assert _claim_mounts(pod) == [("recsae-bundles", "/models/recsae", False)]
+    assert selector.items() <= serving_head["metadata"]["labels"].items()
+    # The loop: the job's bundle is RUN_DIR/bundle, and the RayService reads it after a rollout of bundle.subPath.
+    out = spec["entrypoint"].split("--out ")[1].split()[0]
+    rolled = _rendered("bundle.subPath=runs/ml-1m-sasrec/bundle")["RayService"]
+    (model,) = [d for d in yaml.safe_load(rolled["spec"]["serveConfigV2"])["applications"][0]["deployments"]
+                if d["name"] == "recsae"]  # fmt: skip
+    assert model["user_config"]["bundle"] == f"{out}/bundle"
+    # The entrypoint is rendered with the chart's values: a new mount path or run moves it.
+    moved = _rendered("rayJob.enabled=true", "bundle.mountPath=/data", "rayJob.run=v2")["RayJob"]
+    assert moved["metadata"]["name"] == "recsae-v2"
+    assert "--out /data/runs/v2 " in moved["spec"]["entrypoint"]
+
+
+def _rayjob_typo(doc: dict[str, Any]) -> None:
+    doc["spec"]["shutdownAfterJobFinish"] = doc["spec"].pop("shutdownAfterJobFinishes")
+
+
+def _rayjob_ttl_string(doc: dict[str, Any]) -> None:
+    doc["spec"]["ttlSecondsAfterFinished"] = "600"
+
+
+def _rayjob_submitter_field(doc: dict[str, Any]) -> None:
+    doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["entrypoint"] = "sh"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_rayjob_typo, 'unknown field "spec.shutdownAfterJobFinish"'),
+        (_rayjob_ttl_string, "spec.ttlSecondsAfterFinished: '600' is not of type 'integer'"),
+        (_rayjob_submitter_field, 'unknown field "spec.submitterPodTemplate.spec.containers[0].entrypoint"'),
+    ],
+)
+def test_crd_validator_refuses_bad_rayjob(tools: None, tmp_path: Path, mutate: Any, message: str) -> None:
+    job = _rendered("rayJob.enabled=true")["RayJob"]
+    mutate(job)
+    path = tmp_path / "rayjob.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run = validate("crd", "--expect", "RayJob", path)
+    assert run.returncode == 1 and message in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "release", "message"),
+    [
+        (["bundle.source=initContainer"], "recsae", "rayJob needs bundle.source=pvc"),
+        (["rayJob.shutdownAfterJobFinishes=false"], "recsae", "ttlSecondsAfterFinished must be 0 when"),
+        (["rayJob.run=" + "r" * 40], "production-recommenders", "at most 47 characters (KubeRay's limit)"),
+        (["rayJob.run=Upper"], "recsae", "rayJob.run: Does not match pattern"),
+        (["rayJob.backoffLimit=-1"], "recsae", "rayJob.backoffLimit: Must be greater than or equal to 0"),
+        (["rayJob.workers.resources.limits.memory=8GB"], "recsae", "rayJob.workers.resources.limits.memory"),
+        (["rayJob.head.gpus=1"], "recsae", "rayJob.head: Additional property gpus is not allowed"),
+    ],
+)
+def test_rayjob_refuses_bad_values(tools: None, sets: list[str], release: str, message: str) -> None:
+    run = helm_template("rayJob.enabled=true", *sets, release=release)
+    assert run.returncode != 0 and message in run.stderr, run.stderr
 
 
 def _dashboard() -> dict[str, Any]:

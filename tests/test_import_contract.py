@@ -26,6 +26,7 @@ from foreign_models import (
 )
 from safetensors.numpy import load_file, save_file
 
+from recsae_core.common.artifacts import RECORD
 from recsae_core.common.layout import (
     CONFIG,
     CONTRACT_ITEMS,
@@ -103,7 +104,8 @@ def test_sequence_import_writes_a_self_contained_run(seq_run, seq, ml100k):
     layout = RunLayout(run)
     assert layout.recommender_complete()
     data = ["data/interactions.csv", "data/items.item", "data/users.user"]
-    assert tree(layout.recommender) == sorted([CONFIG, METRICS, CONTRACT_ONNX, CONTRACT_ITEMS, RECIPE, ITEM_MAP, *data])
+    assert tree(layout.recommender) == sorted([CONFIG, METRICS, CONTRACT_ONNX, CONTRACT_ITEMS, RECIPE, ITEM_MAP, RECORD,
+                                               *data])  # fmt: skip
     config = json.loads((layout.recommender / CONFIG).read_text())
     assert (config["source"], config["dataset"], config["protocol"], config["seed"]) == ("import", "log", "recbole",
                                                                                           2020)  # fmt: skip

@@ -111,10 +111,10 @@ def test_import_honours_every_sae_option(inputs, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     result = json.loads(capsys.readouterr().out)["sae"]
     # A budget no epoch fits in stops training after the first epoch, and the metrics say so.
-    assert (result["stopped_by"], result["epochs_trained"], result["max_minutes"]) == ("time", 1, 1e-9)
+    assert (result["stopped_by"], result["epochs_trained"], result["max_minutes"]) == ("wall_clock_safety", 1, 1e-9)
     assert (result["dead_after"], result["lr"]) == (100, 0.005)
     on_disk = json.loads((work / "sae" / "metrics.json").read_text())
-    assert on_disk["stopped_by"] == "time" and len(on_disk["history"]) == 1
+    assert on_disk["stopped_by"] == "wall_clock_safety" and len(on_disk["history"]) == 1
     assert TopKSAE.load(load_bundle(out).sae_folder).cfg.dead_after == 100
 
 

@@ -18,8 +18,11 @@ from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import PROBE_META as META
 from recsae_core.common.layout import RunLayout
 from recsae_core.probe.collect import collect, collect_onnx, load_activations
+from recsae_core.recommenders.base import Recommender
 from recsae_core.recommenders.batching import pad_histories
+from recsae_core.recommenders.checkpoint import load_recommender
 from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.recommenders.onnx_model import OnnxRecommender
 from recsae_core.recommenders.run import RunContext, load_run
 
 pytestmark = pytest.mark.slow
@@ -58,11 +61,23 @@ def test_bprmf_one_sample_per_user(bprmf):
     assert RunLayout(result.folder.parent).probe_complete()
 
 
-def test_bprmf_h_is_represent(bprmf):
+def pytorch_model(ctx: RunContext) -> Recommender:
+    """The run's PyTorch checkpoint: the model as trained, which the probed contract must reproduce."""
+    return load_recommender(RunLayout(ctx.root).recommender)[0]
+
+
+def test_runs_are_read_as_their_contract(bprmf, sasrec):
+    for ctx in (bprmf[0], sasrec[0]):
+        assert isinstance(ctx.model, OnnxRecommender) and ctx.model.onnx_path.name == "model.onnx"
+        assert ctx.model.name in ("bprmf", "sasrec") and ctx.model.sequential == (ctx.model.name == "sasrec")
+
+
+def test_bprmf_h_is_the_trained_models(bprmf):
     ctx, _, h, users, _ = bprmf
+    torch_model = pytorch_model(ctx)
     with torch.no_grad():
-        expected = ctx.model.represent(make_batch(ctx.model, users, ctx.split.train, "cpu"))
-    torch.testing.assert_close(h, expected, atol=1e-6, rtol=0)
+        expected = torch_model.represent(make_batch(torch_model, users, ctx.split.train, "cpu"))
+    torch.testing.assert_close(h, expected, atol=1e-5, rtol=0)
     assert float(h.std()) > 0  # a real, non-constant representation
 
 
@@ -72,11 +87,11 @@ def test_bprmf_h_is_represent(bprmf):
 def reencode_prefixes(ctx: RunContext, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """h the model gives for 'this user, after these items': the training prefix up to `position`, left-padded
     to the model's length keeping the most recent items (what the service feeds the ONNX model)."""
-    train, config = ctx.split.train, ctx.model.config
+    train, config, torch_model = ctx.split.train, ctx.model.config, pytorch_model(ctx)
     history = pad_histories([train.row(u)[: p + 1] for u, p in zip(users, positions, strict=True)],
                             config.max_len, config.n_items)  # fmt: skip
     with torch.no_grad():
-        return ctx.model.encode(torch.from_numpy(history))[:, -1].numpy()
+        return torch_model.encode(torch.from_numpy(history))[:, -1].numpy()
 
 
 def test_sasrec_one_sample_per_training_position(sasrec):

@@ -36,7 +36,14 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from recsae_core.bundle.export import contents_from_run, input_spec
-from recsae_core.bundle.format import MANIFEST, BundleContents, load_bundle, sha256_file, write_bundle
+from recsae_core.bundle.format import (
+    MANIFEST,
+    BundleContents,
+    load_bundle,
+    sha256_file,
+    write_bundle,
+    write_manifest,
+)
 from recsae_core.common.errors import ArtifactError
 from recsae_core.common.layout import STATS_FILE
 from recsae_core.recommenders.imported import import_step
@@ -292,14 +299,14 @@ def rewrite_tensors(folder: Path, name: str, **changes: np.ndarray) -> Path:
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"][name] = sha256_file(path)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     return path
 
 
 def rewrite_inputs(folder: Path, **changes: object) -> Path:
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["inputs"].update(changes)
-    (folder / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(folder, manifest)
     return folder / MANIFEST
 
 

@@ -7,6 +7,8 @@ import inspect
 import json
 import math
 import re
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -299,22 +301,33 @@ def test_plateau_lowers_the_learning_rate_before_stopping():
     assert [row.get("lr") for row in result.history] == [None, None, pytest.approx(3e-3), None, None]
 
 
-def test_time_budget_stops_training_and_says_so():
+def test_wall_clock_safety_stop_ends_training_and_says_so(capsys):
     x = sparse_data(1024)
     result = train_sae(x, run_config(batch_size=256, epochs=50, patience=50, max_minutes=1e-8))
-    assert (result.epochs_trained, result.stopped_by) == (1, "time")
+    assert (result.epochs_trained, result.stopped_by) == (1, "wall_clock_safety")
+    assert "wall-clock safety stop" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="max_minutes"):
         SAETrainConfig(max_minutes=-1)
     with pytest.raises(ConfigError, match="select_tolerance"):
         SAETrainConfig(select_tolerance=1.5)
 
 
-def test_time_budget_is_checked_on_epochs_that_are_not_scored():
+def test_wall_clock_safety_stop_is_checked_on_epochs_that_are_not_scored():
     x = sparse_data(1024)
     result = train_sae(x, run_config(batch_size=256, epochs=50, patience=50, select_every=10, max_minutes=1e-8))
     # The epoch that ran out of time is scored and can be kept, like a last epoch.
-    assert (result.epochs_trained, result.stopped_by, result.best_epoch) == (1, "time", 1)
+    assert (result.epochs_trained, result.stopped_by, result.best_epoch) == (1, "wall_clock_safety", 1)
     assert "score" in result.history[0]
+
+
+def test_sample_budget_ends_training_after_the_epoch_that_reaches_it():
+    x = sparse_data(1024)
+    result = train_sae(x, run_config(batch_size=256, epochs=50, patience=50, select_every=10, max_samples=2500))
+    # 1024 samples per epoch: the third epoch reaches 2500; it is scored, like a last epoch.
+    assert (result.epochs_trained, result.stopped_by, result.samples_seen) == (3, "samples", 3072)
+    assert "score" in result.history[2]
+    unbounded = train_sae(x, run_config(batch_size=256, epochs=4, patience=50, max_samples=0))
+    assert (unbounded.epochs_trained, unbounded.stopped_by) == (4, "epochs")
 
 
 def test_checkpoints_with_too_many_dead_latents_lose_whatever_their_score():
@@ -340,6 +353,39 @@ def test_checkpoints_with_too_many_dead_latents_lose_whatever_their_score():
     assert (result.best_epoch, result.best_score) == (4, 0.99)
 
 
+def test_same_seed_and_budget_give_the_same_sae_on_a_slow_machine(monkeypatch, tmp_path):
+    """Issue 17: the SAE must not depend on how busy the machine is. A run slowed down (every batch sleeps, and its
+    clock says each epoch took 40 s, as on a machine shared with many jobs) trains, bit for bit, the SAE a quiet run
+    does with the same seed and sample budget; under the former 5-minute budget it would have stopped after 8
+    epochs, and the default safety stop (60 min) does not fire."""
+    import recsae_core.sae.train as train_module
+
+    x = sparse_data(2048)
+    config = run_config(lr=1e-2, batch_size=256, epochs=200, patience=50, select_every=2, max_samples=30_000,
+                        max_minutes=SAETrainConfig.max_minutes)  # fmt: skip
+    quiet = train_sae(x, config)
+    quiet.sae.save(tmp_path / "quiet")
+
+    batches, ticks = train_module.iter_batches, iter(range(10**6))
+
+    def slow_batches(*args, **kwargs):
+        for batch in batches(*args, **kwargs):
+            time.sleep(0.002)
+            yield batch
+
+    monkeypatch.setattr(train_module, "iter_batches", slow_batches)
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: 40.0 * next(ticks)))
+    slow = train_sae(x, config)
+    slow.sae.save(tmp_path / "slow")
+
+    assert (quiet.stopped_by, quiet.epochs_trained, quiet.samples_seen) == ("samples", 15, 30_720)
+    assert (slow.stopped_by, slow.epochs_trained, slow.best_epoch) == ("samples", 15, quiet.best_epoch)
+    assert slow.seconds > 8 * 40 > quiet.seconds  # the slow run's clock really did read past the former budget
+    assert slow.history == quiet.history
+    for name in (WEIGHTS, CFG):
+        assert (tmp_path / "slow" / name).read_bytes() == (tmp_path / "quiet" / name).read_bytes(), name
+
+
 def test_run_config_resolves_derived_values_in_one_place():
     config = SAETrainConfig(n_latents=64, k=4, dead_after=80_000)
     small = config.resolve(1000)
@@ -350,7 +396,7 @@ def test_run_config_resolves_derived_values_in_one_place():
     explicit = SAETrainConfig(batch_size=300, select_every=2).resolve(1000)
     assert (explicit.batch_size, explicit.select_every) == (300, 2)
     assert small.sae_config(16) == SAEConfig(d_in=16, n_latents=64, k=4, dead_after=1000)
-    assert (SAETrainConfig().max_seconds, SAETrainConfig(max_minutes=0).max_seconds) == (300.0, None)
+    assert (SAETrainConfig().max_seconds, SAETrainConfig(max_minutes=0).max_seconds) == (3600.0, None)
 
 
 def test_run_config_refuses_bad_values_by_field():

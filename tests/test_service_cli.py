@@ -26,6 +26,17 @@ def test_bench_refuses_a_missing_bundle(capsys: pytest.CaptureFixture[str], tmp_
     assert capsys.readouterr().err.startswith("recsae: error: ")
 
 
+def test_bench_reliability_refuses_bad_options(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = ["--out", str(tmp_path / "o.json")]
+    assert main(["bench", "reliability", "--bundle", str(tmp_path / "x"), "--scenario", "kill", *out]) == 2
+    assert capsys.readouterr().err.strip() == f"recsae: error: {tmp_path / 'x'}: no bundle folder here"
+    args = ["bench", "reliability", "--bundle", str(tmp_path), "--scenario", "kill", "--replicas", "1", *out]
+    assert main(args) == 2 and "--replicas: the kill scenario needs at least 2 replicas" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "reliability", "--bundle", str(tmp_path), "--scenario", "flood", *out])
+    assert "invalid choice: 'flood'" in capsys.readouterr().err
+
+
 def test_concurrency_list_is_validated(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as info:
         main(["bench", "serve", "--bundle", str(tmp_path), "--out", "o.json", "--concurrency", "4,0"])
@@ -50,6 +61,19 @@ def test_app_builder_validates_arguments() -> None:
         app_builder({"bundle": "/b", "colour": "red"})
     with pytest.raises(ConfigError, match="needs a bundle"):
         app_builder({})
+    with pytest.raises(ConfigError, match=r"max_queued_requests -1 \(unbounded\) or >= 1 \(got 0\)"):
+        app_builder({"bundle": "/b", "max_queued_requests": 0})
+    with pytest.raises(ConfigError, match="retry_after_s between 0 and 3600 seconds"):
+        app_builder({"bundle": "/b", "retry_after_s": -1})
+    with pytest.raises(ConfigError, match="bundle_version: String should match pattern"):
+        app_builder({"bundle": "/b", "bundle_version": "v1"})
+    # HTTP enters through the ingress, which admits what the model replicas take at once and sheds beyond its queue.
+    ingress = app_builder({"bundle": "/b", "replicas": 2, "max_queued_requests": 8, "retry_after_s": 3})
+    limits = ingress._bound_deployment.max_ongoing_requests, ingress._bound_deployment.max_queued_requests
+    model = ingress._bound_deployment.init_args[0]._bound_deployment
+    assert (ingress._bound_deployment.name, model.name) == ("ingress", "recsae")
+    assert limits == (2 * model.max_ongoing_requests, 8)
+    assert ingress._bound_deployment.backpressure_config.retry_after_s == 3
     assert app is app_builder
 
 

@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.numpy import load_file, save_file
 
-from recsae_core.bundle.format import MANIFEST, InputSpec, sha256_file
+from recsae_core.bundle.format import MANIFEST, InputSpec, sha256_file, write_manifest
 from recsae_core.sae.edits import OPS, UNITS, Edit, op_problem
 from recsae_core.sae.model import TopKSAE
 from service.engine import Row
@@ -261,7 +261,7 @@ def test_bundles_without_the_recipe_fields_serve_as_before(served: Served, tmp_p
     manifest = json.loads((explicit / MANIFEST).read_text())
     manifest["files"]["items.safetensors"] = sha256_file(items)
     manifest["inputs"].update(padding="left", length_input=None)
-    (explicit / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(explicit, manifest)
     again = Served.load(explicit)
     assert again.bundle.model_index is not None
     rng = np.random.default_rng(5)

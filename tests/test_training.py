@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
+from recsae_core.common.artifacts import RECORD, sha256_file
 from recsae_core.common.errors import ConfigError, DataError
-from recsae_core.common.layout import RunLayout
+from recsae_core.common.layout import (
+    CONTRACT_ITEMS,
+    CONTRACT_ONNX,
+    ITEM_MAP,
+    MODEL_WEIGHTS,
+    RECIPE,
+    USER_MAP,
+    RunLayout,
+)
 from recsae_core.pipeline.cli import main
 from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.evaluate import evaluate
+from recsae_core.recommenders.onnx_model import read_contract
 from recsae_core.recommenders.run import load_run, train_step
 
 pytestmark = pytest.mark.slow
@@ -76,6 +87,37 @@ def test_run_reloads_to_the_same_test_metrics(trained):
     reloaded = evaluate(run.model, run.split, "test")
     for key in ("ndcg@10", "recall@10", "hit@10", "mrr@10"):
         assert reloaded[key] == pytest.approx(metrics["test"][key], abs=1e-6), key
+
+
+def test_run_carries_the_contract_every_recommender_is_read_by(trained):
+    name, run_dir, metrics = trained
+    folder = RunLayout(run_dir).recommender
+    recipe = json.loads((folder / RECIPE).read_text())
+    assert recipe["kind"] == ("sequence" if name == "sasrec" else "user_index")
+    if name == "sasrec":  # recsae's own convention: left padding with the index past the last item
+        assert (recipe["pad_index"], recipe["padding"], recipe["max_len"]) == (1016, "left", 50)
+    parity = metrics["contract_parity"]
+    assert parity["users_checked"] == 512 and parity["max_abs_score_diff"] <= 1e-5
+    # Read by the same code as a model trained elsewhere: `read_contract` accepts the folder's files as they are.
+    contract = read_contract(folder / CONTRACT_ONNX, folder / CONTRACT_ITEMS, folder / RECIPE)
+    assert contract.dim == 64 and contract.items.embeddings.shape == (1016, 64)
+
+
+def test_a_run_from_before_contracts_is_upgraded_without_retraining(trained, tmp_path):
+    _, run_dir, metrics = trained
+    copy = tmp_path / "old"
+    shutil.copytree(run_dir, copy)
+    folder = RunLayout(copy).recommender
+    for file in (CONTRACT_ONNX, CONTRACT_ITEMS, RECIPE, ITEM_MAP, USER_MAP, RECORD):  # older than records, too
+        (folder / file).unlink(missing_ok=True)
+    weights = sha256_file(folder / MODEL_WEIGHTS)
+    assert RunLayout(copy).needs_contract() and not RunLayout(copy).recommender_complete()
+    run = load_run(copy)
+    assert RunLayout(copy).recommender_complete() and not RunLayout(copy).needs_contract()
+    assert sha256_file(folder / MODEL_WEIGHTS) == weights  # the checkpoint, not a new training
+    assert json.loads((folder / "metrics.json").read_text())["contract_parity"]["max_abs_h_diff"] <= 1e-5
+    reloaded = evaluate(run.model, run.split, "test")
+    assert reloaded["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-6)
 
 
 def test_bad_device_and_dataset_leave_no_run(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,30 +13,12 @@ from recsae_core.common.errors import ArtifactError, DataError
 from recsae_core.common.layout import RunLayout
 from recsae_core.common.onnx import cast_to_declared, h_output, load_inputs, open_onnx
 from recsae_core.data.splits import Ragged
-from recsae_core.recommenders.batching import make_batch, pad_histories
+from recsae_core.recommenders.batching import make_batch
 from recsae_core.recommenders.onnx_model import OnnxRecommender
 from recsae_core.recommenders.recipe import Recipe
 from recsae_core.recommenders.run import RunContext
 
 PARITY_TOLERANCE = 1e-5
-
-
-def export_onnx(module: torch.nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
-    """Export `module(input) -> h` with a dynamic batch axis."""
-    module.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about shape-to-int conversions are expected here
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=["h"],
-            dynamic_axes={input_name: {0: "batch"}, "h": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    module.eval()  # export restores the module's previous mode; make sure it is eval for the parity check
 
 
 def input_spec(recipe: Recipe, custom_names: list[str] | None = None) -> InputSpec:
@@ -70,14 +51,16 @@ def ridge_foldin(item_embeddings: np.ndarray, reg: float = 1.0) -> np.ndarray:
 def check_parity(
     ctx: RunContext, onnx_path: Path, users: np.ndarray, seen: Ragged, user_inputs: dict[str, np.ndarray]
 ) -> dict[str, float]:
-    """The bundle's ONNX model on the bundle's own per-user inputs (what the service feeds) vs the recommender's
-    `represent` on the same users: max |h| and |score| differences; refuses to bundle past tolerance."""
+    """The bundle's ONNX model on the bundle's own per-user inputs (what the service feeds) vs the run's recommender
+    `represent` on the same users, fed through its recipe from batches: max |h| and |score| differences; refuses to
+    bundle past tolerance. (A model trained here was checked against PyTorch when its contract was written:
+    `contract_parity` in its metrics.)"""
     session = open_onnx(onnx_path)
     batch = make_batch(ctx.model, users, seen, "cpu")
     feed = {name: values[users] for name, values in user_inputs.items()}
     with torch.no_grad():
-        h_torch = ctx.model.represent(batch)
-        s_torch = ctx.model.score(h_torch).numpy()
+        h_run = ctx.model.represent(batch)
+        s_run = ctx.model.score(h_run).numpy()
     h_onnx = session.run([h_output(session, onnx_path)], feed)[0]
     s_onnx = h_onnx @ ctx.model.item_embeddings().detach().numpy().T
     bias = ctx.model.item_bias()
@@ -85,45 +68,34 @@ def check_parity(
         s_onnx = s_onnx + bias.detach().numpy()
     parity = {
         "users_checked": len(users),
-        "max_abs_h_diff": float(np.abs(h_onnx - h_torch.numpy()).max()),
-        "max_abs_score_diff": float(np.abs(s_onnx - s_torch).max()),
+        "max_abs_h_diff": float(np.abs(h_onnx - h_run.numpy()).max()),
+        "max_abs_score_diff": float(np.abs(s_onnx - s_run).max()),
     }
     if parity["max_abs_h_diff"] > PARITY_TOLERANCE or parity["max_abs_score_diff"] > PARITY_TOLERANCE:
-        raise ArtifactError(f"{onnx_path}: ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE}: {parity}")
+        raise ArtifactError(
+            f"{onnx_path}: the bundle's inputs and the run's recommender disagree beyond {PARITY_TOLERANCE}: {parity}"
+        )
     return parity
 
 
-def _imported_model(model: OnnxRecommender, seen: Ragged) -> tuple[Path, InputSpec, dict[str, np.ndarray]]:
-    """A recommender trained elsewhere is already ONNX: its own file, and every user's inputs built by its recipe
-    from the user's full history (sequence) or the user's index in the model (user_index, custom)."""
+def _contract_inputs(model: OnnxRecommender, seen: Ragged) -> tuple[Path, InputSpec, dict[str, np.ndarray]]:
+    """Every recommender is a contract by now: its own ONNX file, and every user's inputs built by its recipe from
+    the user's full history (sequence) or the user's index in the model (user_index, custom)."""
     users = np.arange(len(seen.lengths))
     # stored as the model declares its inputs, so the service feeds rows (and builds histories) as stored
     user_inputs = cast_to_declared(model.contract.session, model.feed(users, [seen.row(u) for u in users]))
     return model.onnx_path, input_spec(model.recipe, list(user_inputs)), user_inputs
 
 
-def _in_house_model(ctx: RunContext, seen: Ragged, workdir: Path) -> tuple[Path, InputSpec, dict[str, np.ndarray]]:
-    """A recommender trained here, exported to ONNX with the inputs its own batches use."""
-    model, onnx_path = ctx.model, workdir / "model.onnx"
-    if not model.sequential:
-        export_onnx(model.export_module(), torch.arange(2), "user", onnx_path)
-        return onnx_path, InputSpec("user", ["user"]), {"user": np.arange(ctx.split.n_users, dtype=np.int64)}
-    max_len, pad = model.config.max_len, model.config.n_items
-    history = pad_histories([seen.row(u) for u in range(ctx.split.n_users)], max_len, pad)
-    export_onnx(model.export_module(), torch.from_numpy(history[:2]), "history", onnx_path)
-    return onnx_path, InputSpec("history", ["history"], "history", max_len, pad), {"history": history}
-
-
 def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple[BundleContents, dict[str, float]]:
-    """Gather everything the bundle needs from a run: its recommender as ONNX (exported if trained here, copied if
-    imported), per-user inputs from each user's full history, the dataset's own user and item ids, seen items."""
+    """Gather everything the bundle needs from a run: its recommender's contract (ONNX model, items, recipe),
+    per-user inputs from each user's full history, the dataset's own user and item ids, seen items. `workdir` is
+    kept for callers that stage files; the contract's own files are copied by the bundle writer."""
     model = ctx.model.cpu().eval()
+    if not isinstance(model, OnnxRecommender):
+        raise ArtifactError(f"{ctx.root}: the recommender is not read as its contract; load the run with load_run")
     seen = full_histories(ctx)
-    imported = isinstance(model, OnnxRecommender)
-    if imported:
-        onnx_path, inputs, user_inputs = _imported_model(model, seen)
-    else:
-        onnx_path, inputs, user_inputs = _in_house_model(ctx, seen, workdir)
+    onnx_path, inputs, user_inputs = _contract_inputs(model, seen)
     rng = np.random.default_rng(0)
     sample = rng.choice(ctx.split.n_users, min(512, ctx.split.n_users), False)
     parity = check_parity(ctx, onnx_path, sample, seen, user_inputs)
@@ -157,7 +129,8 @@ def contents_from_run(ctx: RunContext, sae_folder: Path, workdir: Path) -> tuple
         meta=meta,
         item_bias=None if bias is None else bias.detach().numpy(),
         foldin=foldin,
-        model_index=model.model_items if imported else None,
+        # written only where the model's item indices are not the bundle's dense order (models trained elsewhere)
+        model_index=None if np.array_equal(model.model_items, np.arange(len(model.model_items))) else model.model_items,
     )
     return contents, parity
 

@@ -29,7 +29,7 @@ from safetensors.numpy import load_file, save_file
 from recsae_core.bundle.inputs import InputSpec, check_history_inputs, check_model_index
 from recsae_core.common.artifacts import atomic_folder, read_json, sha256_file, write_json
 from recsae_core.common.errors import ArtifactError
-from recsae_core.common.layout import MANIFEST, SAE_FILES, bundle_files_intact
+from recsae_core.common.layout import MANIFEST, MANIFEST_DIGEST, SAE_FILES, bundle_files_intact, manifest_digest
 
 FORMAT = "recsae-bundle"
 FORMAT_VERSION = 1
@@ -99,7 +99,7 @@ def write_bundle(contents: BundleContents, out: Path, parity: dict[str, float] |
     sae_cfg = read_json(c.sae_folder / "cfg.json")
     if int(sae_cfg.get("d_in", -1)) != d:
         raise ArtifactError(f"{c.sae_folder / 'cfg.json'}: SAE d_in={sae_cfg.get('d_in')} but the model's d={d}")
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, record=False) as tmp:  # the manifest is the bundle's record
         (tmp / "model.onnx").write_bytes(c.onnx_path.read_bytes())
         tensors = {"item_embeddings": np.ascontiguousarray(c.item_embeddings, dtype=np.float32)}
         if c.item_bias is not None:
@@ -147,15 +147,27 @@ def write_bundle(contents: BundleContents, out: Path, parity: dict[str, float] |
             "parity": parity or {},
             "provenance": {k: v for k, v in c.meta.items() if k not in ("dataset", "model")},
             "files": files,
-            "versions": {
-                "bundle": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
-                "model": files["model.onnx"][:16],
-                "sae": files["sae/sae_weights.safetensors"][:16],
-                "catalog": files.get("concepts/catalog.json", "")[:16] or None,
-            },
+            "versions": bundle_versions(files),
         }
-        write_json(tmp / MANIFEST, manifest)
+        manifest = write_manifest(tmp, manifest)
     return manifest
+
+
+def bundle_versions(files: dict[str, str]) -> dict[str, str | None]:
+    """The version ids of a bundle whose files have these sha256s: the whole bundle, its model, SAE and catalog."""
+    return {
+        "bundle": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16],
+        "model": files["model.onnx"][:16],
+        "sae": files["sae/sae_weights.safetensors"][:16],
+        "catalog": files.get("concepts/catalog.json", "")[:16] or None,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write a bundle's manifest with the digest of its content (MANIFEST_DIGEST), last; returns what was written."""
+    sealed = {**{k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}, MANIFEST_DIGEST: manifest_digest(manifest)}
+    write_json(folder / MANIFEST, sealed)
+    return sealed
 
 
 def verify_bundle(folder: Path) -> dict[str, Any]:

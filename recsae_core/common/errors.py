@@ -13,5 +13,10 @@ class ArtifactError(RecsaeError):
     """A run folder, checkpoint or bundle is missing, corrupt or does not match what it is used with."""
 
 
+class IncompleteError(ArtifactError):
+    """An artifact its step has not finished: not written, cut short before its completion record, or made from
+    inputs that have changed since. Running the step (again) is the remedy; corruption raises ArtifactError."""
+
+
 class ConfigError(RecsaeError):
     """An option or configuration value is out of range or inconsistent."""

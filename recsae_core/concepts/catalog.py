@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import scipy.sparse as sp
 
-from recsae_core.common.artifacts import sha256_file, write_json
-from recsae_core.common.errors import ArtifactError, ConfigError
-from recsae_core.common.layout import CATALOG, CONFIG, LLM_CACHE, PROBE_META, REPORT, SAE_WEIGHTS, STATS_FILE, RunLayout
+from recsae_core.common.artifacts import add_recorded, forget_recorded, sha256_file, write_json
+from recsae_core.common.errors import ArtifactError, ConfigError, IncompleteError
+from recsae_core.common.layout import CATALOG, LLM_CACHE, REPORT, SAE_WEIGHTS, STATS_FILE, RunLayout
 from recsae_core.concepts.labelers import Simulator, TermSpace, make_tfidf_label, tfidf_terms
 from recsae_core.concepts.llm_labeler import llm_label
 from recsae_core.concepts.report import write_report
@@ -142,12 +142,11 @@ class Prepared(NamedTuple):
 def prepare(run_dir: Path, o: CatalogOptions) -> Prepared:
     """Encode every sample, pick samples per latent and coherence units, compute top-1 items and terms."""
     layout = RunLayout(run_dir)
-    if not (layout.recommender / CONFIG).is_file():
-        raise ArtifactError(f"{run_dir}: no trained recommender here (run 'recsae pipeline' or the steps first)")
-    for needed_file, step in ((layout.probe / PROBE_META, "probe"), (layout.sae / SAE_WEIGHTS, "SAE")):
-        if not needed_file.is_file():
-            raise ArtifactError(f"{needed_file}: missing; run 'recsae train-sae --run {run_dir}' first "
-                                f"(the catalog needs the run's {step})")  # fmt: skip
+    try:  # a changed file raises ArtifactError naming it; an unfinished step says which one to run
+        layout.verify_sae()  # and the probe and recommender it was made from
+    except IncompleteError as err:
+        raise ArtifactError(f"{err}; run 'recsae pipeline' (or 'recsae train-sae --run {run_dir}') first: the "
+                            "catalog needs the run's recommender, probe and SAE") from None  # fmt: skip
     ctx = load_run(run_dir)
     h, users, positions = load_activations(layout.probe)
     sae = TopKSAE.load(layout.sae)
@@ -280,8 +279,11 @@ def build_catalog(
                      "describing": o.samples.n_describe},
         "summary": summary, "concepts": concepts,
     }  # fmt: skip
-    write_json(out_dir / CATALOG, catalog)
+    # Forgotten by the record first, recorded last: a run killed in between finds the step unfinished.
+    forget_recorded(out_dir, [CATALOG, REPORT])
     write_report(catalog, {s.latent: activation_histogram(p.codes, s.latent) for s in p.chosen}, out_dir / REPORT)
+    write_json(out_dir / CATALOG, catalog)
+    add_recorded(out_dir, [CATALOG, REPORT])
     return catalog
 
 

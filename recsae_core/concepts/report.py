@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from recsae_core.common.artifacts import write_text_atomic
 from recsae_core.common.html import figure_html, page, table_html
 
 SCRIPT = """
@@ -104,7 +105,4 @@ def write_report(catalog: dict[str, Any], histograms: dict[int, list[int]], path
         f'<table id="concepts"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>',
     ]
     text = page(f"Concept catalog — {catalog['run'].get('dataset')} {catalog['run'].get('model')}", sections, SCRIPT)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)

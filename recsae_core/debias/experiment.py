@@ -1,278 +1,290 @@
-"""`recsae debias`: sweep the steering policy and the baselines, pick the operating point on validation, write
-RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and RUN_DIR/policies/<name>.json, where <name> is the
-target's file name (`recsae_core.debias.targets`: 'popularity', 'gender', 'attribute-occupation-student')."""
+"""`recsae debias`: sweep every steering family and baseline of a target (`recsae_core.debias.methods`) over the same
+number of strengths, choose each one's operating point on validation, compare the fronts at equal test NDCG loss with
+paired-bootstrap intervals, and write RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and, for the steering
+family chosen on validation, RUN_DIR/policies/<name>.json, where <name> is the target's file name
+(`recsae_core.debias.targets`: 'popularity', 'gender', 'attribute-occupation-student')."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from recsae_core.common.artifacts import write_json
+from recsae_core.common.artifacts import read_json, write_json, write_json_recorded
 from recsae_core.common.errors import ConfigError
 from recsae_core.common.layout import STATS_FILE, RunLayout
-from recsae_core.debias.bias_metrics import (
-    HEAD_DEFINITION,
-    head_mask,
-)
+from recsae_core.debias import policy_kinds
+from recsae_core.debias.bias_metrics import HEAD_DEFINITION, head_mask
+from recsae_core.debias.bootstrap import LEVEL, N_BOOT, PointReplicates
+from recsae_core.debias.fronts import LOSSES, comparison
+from recsae_core.debias.measure import StageMeasure, values, with_intervals
+from recsae_core.debias.methods import Method, Setup, build_methods
 from recsae_core.debias.report import write_report
-from recsae_core.debias.rerank import cohens_d, popsteer_transform, popularity_penalty, xquad
-from recsae_core.debias.screen import (
-    POLICY,
-    Evaluator,
-    K,
-    find_latents,
-    fit_weights,
-    objective,
-    policy_document,
-    policy_edits,
-    policy_transform,
-    rel_loss,
-    stage_data,
-)
+from recsae_core.debias.screen import Evaluator, K, find_latents, made_for, objective, policy_document, stage_data
+from recsae_core.debias.selection import pick_operating_point
+from recsae_core.debias.sweeps import SWEEP_POINTS
 from recsae_core.debias.targets import Target, parse_target, user_groups
-from recsae_core.recommenders.evaluate import make_batch
+from recsae_core.debias.verdict import FAIRNESS_METRICS, POPULARITY_METRICS, bands, fairness_verdict, popularity_verdict
 from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.runtime import SAERuntime
 from recsae_core.sae.stats import load_stats
 
-# Every method's grid is dense where the ~2% NDCG budget is crossed (each method is compared at its best point inside
-# the budget, so a coarse grid would hand it a point well short of the boundary): on ML-1M the policy crosses it
-# between strengths 0.15 and 3 depending on the latent count, the popularity penalty between 0.05 and 0.2 x the
-# score spread, xQuAD between 0.1 and 0.4.
-STRENGTHS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 8.0)
-PENALTIES = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.0625, 0.075, 0.0875, 0.1, 0.1125, 0.125, 0.15, 0.175, 0.2, 0.3,
-             0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # fmt: skip
-XQUAD = (0.02, 0.05, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-POPSTEER = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
-LOWER_IS_BETTER = {f"arp@{K}": True, f"tail_share@{K}": False, f"gini@{K}": True, f"coverage@{K}": False,
-                   "leakage_distance": True, "ndcg_gap": True}  # fmt: skip
+SELECTION = (
+    "every method is fit on validation users and swept over the same number of strengths; its operating point is the "
+    "point with the best validation bias objective (ARP@10; fairness targets: the leakage distance |AUC - 0.5|) among "
+    "those whose validation NDCG@10 loss, smoothed against the strength by isotonic regression (a stronger edit never "
+    "costs less; counters the winner's curse of picking a point whose dev loss is low by chance), is within the "
+    "budget (fairness targets: and whose validation NDCG gap is not wider than the original's); 'steering' is the "
+    "steering family whose operating point has the best validation objective; test is only measured, with 95% "
+    "paired-bootstrap intervals over users (one set of resamples per stage shared by every method); fronts are "
+    "compared at equal test NDCG loss, interpolated along each front"
+)
 
 
-@torch.no_grad()
-def popsteer_d(ctx: RunContext, sae: TopKSAE, head: np.ndarray, dev: Evaluator, n: int = 300) -> np.ndarray:
-    """PopSteer's Cohen's d between popular-only and unpopular-only synthetic profiles (sequential models), or,
-    for user-embedding models, between dev users in the top and bottom quartile of history popularity."""
-    if ctx.model.sequential:
-        rng = np.random.default_rng(0)
-        head_items, tail_items = np.flatnonzero(head), np.flatnonzero(~head)
-        length = min(30, ctx.model.config.max_len, len(head_items))
-        profiles = [rng.choice(pool, length, replace=False) for pool in (head_items, tail_items) for _ in range(n)]
-        from recsae_core.data.splits import Ragged
+class Swept:
+    """One method's points, measured."""
 
-        seen = Ragged.from_lists(profiles)
-        h = ctx.model.represent(make_batch(ctx.model, np.arange(len(profiles)), seen, "cpu"))
-        z = sae.encode(h.float()).numpy()
-        return cohens_d(z[:n], z[n:])
-    seen = ctx.split.seen("valid")
-    mean_pop = np.array([dev.popularity[seen.row(u)].mean() if len(seen.row(u)) else 0 for u in dev.data.users])
-    z = sae.encode(dev.data.h.float()).detach().numpy()
-    low, high = np.quantile(mean_pop, [0.25, 0.75])
-    return cohens_d(z[mean_pop >= high], z[mean_pop <= low])
-
-
-def _point(method: str, strength: float, dev: dict, test: dict, original: dict, **extra: Any) -> dict[str, Any]:
-    return {"method": method, "strength": strength, **extra, "metrics": test["metrics"], "dev_metrics": dev["metrics"],
-            "ndcg_rel_loss": round(rel_loss(test["metrics"], original["test"]), 6),
-            "dev_ndcg_rel_loss": round(rel_loss(dev["metrics"], original["dev"]), 6)}  # fmt: skip
-
-
-def pick(points: list[dict], method: str, target: Target, budget: float, original_dev: dict) -> dict | None:
-    """The method's point with the lowest dev bias objective within the dev NDCG budget (fairness targets: the dev
-    NDCG gap no wider than the original's)."""
-    ok = [p for p in points if p["method"] == method and p["dev_ndcg_rel_loss"] <= budget]
-    if target.fairness:
-        ok = [p for p in ok if p["dev_metrics"]["ndcg_gap"] <= original_dev["ndcg_gap"] + 1e-12]
-    return min(ok, key=lambda p: objective(p["dev_metrics"], target), default=None)
-
-
-def pareto(points: list[dict], metric: str) -> list[int]:
-    """Indices of points on the (NDCG@10 up, metric down/up) front, by test metrics."""
-    sign = 1.0 if LOWER_IS_BETTER[metric] else -1.0
-
-    def value(p: dict) -> float:
-        m = p["metrics"]
-        return sign * (abs(m["leakage_auc"] - 0.5) if metric == "leakage_distance" else m[metric])
-
-    front = []
-    for i, p in enumerate(points):
-        dominated = any(
-            q["metrics"][f"ndcg@{K}"] >= p["metrics"][f"ndcg@{K}"] and value(q) <= value(p)
-            and (q["metrics"][f"ndcg@{K}"] > p["metrics"][f"ndcg@{K}"] or value(q) < value(p))
-            for q in points
-        )  # fmt: skip
-        if not dominated:
-            front.append(i)
-    return front
+    def __init__(self, method: Method) -> None:
+        self.method = method
+        self.dev: list[PointReplicates] = []
+        """Validation measurements (no resamples) of each strength."""
+        self.test: list[PointReplicates] = []
+        """Test measurements (with resamples) of each strength."""
+        self.pick: int | None = None
+        """Index of the operating point (None: none within the budget)."""
+        self.smoothed = np.zeros(0)
+        """Isotonic dev NDCG loss of each point."""
 
 
 def run_debias(
     run_dir: Path, target: str, budget: float = 0.02, fdr: float = 0.05, max_candidates: int = 24,
-    progress: bool = True, log: Callable[[str], None] = print, strengths: Sequence[float] = STRENGTHS,
+    progress: bool = True, log: Callable[[str], None] = print, sweep_points: int = SWEEP_POINTS,
+    bootstrap: int = N_BOOT, seed: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     """See recsae_core.debias.experiment.debias."""
     parsed = parse_target(target)
     if not 0 < budget < 1:
         raise ConfigError(f"--budget must be in (0, 1), got {budget}")
+    if sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be at least 2 (a front needs points), got {sweep_points}")
+    if bootstrap < 0:
+        raise ConfigError(f"--bootstrap is a number of resamples (0 = no intervals), got {bootstrap}")
     started = time.perf_counter()
     ctx = load_run(run_dir)
     groups = user_groups(ctx.dataset, parsed) if parsed.fairness else None  # refuse before any heavy work
     ctx.model.eval()
     layout = RunLayout(run_dir)
+    layout.verify_recommender()  # a changed file is refused, naming it
+    layout.verify_sae()
     sae = TopKSAE.load(layout.sae).eval()
-    stats = load_stats(layout.sae / STATS_FILE, sae.cfg.n_latents)
-    runtime = SAERuntime.from_model(sae, stats)
+    runtime = SAERuntime.from_model(sae, load_stats(layout.sae / STATS_FILE, sae.cfg.n_latents))
     popularity = ctx.split.item_popularity().astype(np.float64)
     head = head_mask(popularity)
-    fair = parsed.fairness
-    dev = Evaluator(ctx, stage_data(ctx, "valid", groups, parsed), popularity, head)
-    test = Evaluator(ctx, stage_data(ctx, "test", groups, parsed), popularity, head)
-    original = {"dev": dev.steer(None), "test": test.steer(None)}
-    log(f"original test metrics: {original['test']}")
-    assoc, candidates = find_latents(dev, runtime, parsed, original["dev"], fdr, max_candidates, progress=progress)
+    dev_ev = Evaluator(ctx, stage_data(ctx, "valid", groups, parsed), popularity, head)
+    test_ev = Evaluator(ctx, stage_data(ctx, "test", groups, parsed), popularity, head)
+    dev, test = StageMeasure(dev_ev, bootstrap, seed), StageMeasure(test_ev, bootstrap, seed + 1)
+    log(f"original test metrics: {values(test.original)}")
+    assoc, candidates = find_latents(dev_ev, runtime, parsed, values(dev.original), fdr, max_candidates,
+                                     progress=progress)  # fmt: skip
     log(f"{int(assoc.significant.sum())} latents pass BH at FDR {fdr}; {len(candidates)} reduce the bias on dev")
-
-    jobs: list[tuple[str, float, dict, Callable[[Evaluator], np.ndarray]]] = []
-    families = {"screened": candidates}
-    if fair:
-        families["gap-safe"] = [c for c in candidates if c.gap_change <= 0]
-        for weighting in ("screened", "gap-safe"):
-            family = families[weighting]
-            for n in sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, len(family)) if 0 < n <= len(family)}):
-                edits = policy_edits(family, n, 1.0)
-                jobs.append((POLICY, float(n), {"n_latents": n, "weighting": weighting}, _steered(runtime, edits)))
-    else:
-        sizes = sorted({n for n in (1, 2, 4, 8, 16, len(candidates)) if 0 < n <= len(candidates)})
-        for n in sizes:
-            families[f"fit{n}"] = fit_weights(candidates[:n], runtime, ctx.model.item_embeddings(), popularity)
-            for weighting, family in (("screened", candidates), ("fit", families[f"fit{n}"])):
-                for s in strengths:
-                    edits = policy_edits(family, n, s)
-                    extra = {"n_latents": n, "weighting": weighting}
-                    jobs.append((POLICY, s, extra, _steered(runtime, edits)))
-        spread = float(np.nanmean(np.nanstd(torch.nan_to_num(dev.data.scores, neginf=float("nan")).numpy(), axis=1)))
-        for lam in PENALTIES:
-            jobs.append(("popularity-penalty", round(lam * spread, 6), {}, _penalty(lam * spread, popularity)))
-        for lam in XQUAD:
-            jobs.append(("xquad", lam, {}, _xquad(lam, head)))
-        d = popsteer_d(ctx, sae, head, dev)
-        for alpha in POPSTEER:
-            jobs.append(("popsteer", alpha, {"n_latents": 32}, _steered_transform(popsteer_transform(
-                sae, stats, d, alpha))))  # fmt: skip
-    points = []
-    for method, strength, extra, lists in tqdm(jobs, desc=f"sweep ({target})", disable=not progress):
-        dev_m, test_m = {"metrics": dev.metrics(lists(dev))}, {"metrics": test.metrics(lists(test))}
-        points.append(_point(method, strength, dev_m, test_m, original, **extra))
-
-    chosen_point = pick(points, POLICY, parsed, budget, original["dev"])
-    chosen: dict[str, Any] = {"policy": None, "strength": None, "metrics": None, "ndcg_rel_loss": None}
-    policy_path = RunLayout(run_dir).policy(parsed.name)
-    if chosen_point is not None:
-        n, s = chosen_point["n_latents"], chosen_point["strength"]
-        weighting = chosen_point["weighting"]
-        family = families[f"fit{n}" if weighting == "fit" else weighting]
-        edits = policy_edits(family, n, 1.0 if fair else s)
-        doc = policy_document(ctx, parsed, edits, s, n, budget, chosen_point["dev_metrics"], policy_path, weighting)
-        write_json(policy_path, doc)
-        chosen = {"policy": parsed.name, "version": doc["version"], "strength": s, "n_latents": n,
-                  "weighting": chosen_point["weighting"], "edits": doc["edits"], "metrics": chosen_point["metrics"],
-                  "ndcg_rel_loss": chosen_point["ndcg_rel_loss"], "dev_metrics": chosen_point["dev_metrics"],
-                  "dev_ndcg_rel_loss": chosen_point["dev_ndcg_rel_loss"], "policy_file": str(policy_path)}  # fmt: skip
-        log(f"chosen: {n} latents at strength {s}: {chosen_point['metrics']}")
-    else:
-        why = " with the NDCG gap no wider than the original's" if fair else ""
-        log(f"no policy point stays within {budget:.1%} relative NDCG@{K} loss on dev{why}; no policy written")
-    baselines = {}
-    for method in ("popularity-penalty", "xquad", "popsteer") if not fair else ():
-        best = pick(points, method, parsed, budget, original["dev"])
-        baselines[method] = (
-            None
-            if best is None
-            else {"strength": best["strength"], "metrics": best["metrics"], "ndcg_rel_loss": best["ndcg_rel_loss"]}
-        )
-    metrics = [f"arp@{K}", f"tail_share@{K}", f"gini@{K}", f"coverage@{K}"]
-    metrics = ["leakage_distance", "ndcg_gap"] if fair else metrics
-    result = {
-        "target": target,
-        "name": parsed.name,
-        "run": str(run_dir),
-        "budget": budget,
-        "selection": f"latents, strength and baseline points chosen on the validation stage; metrics are test; "
-        f"NDCG@{K} budget is relative to the original model on validation",
-        "head_tail": HEAD_DEFINITION,
-        "n_head_items": int(head.sum()),
-        "original": original["test"],
-        "original_dev": original["dev"],
-        "latents": {
-            "fdr": fdr,
-            "n_significant": int(assoc.significant.sum()),
-            "candidates": [
-                {
-                    "latent": c.latent,
-                    "edit": c.edit.__dict__,
-                    "bias_drop": round(c.bias_drop, 6),
-                    "ndcg_loss": round(c.ndcg_loss, 6),
-                    "efficiency": round(c.efficiency, 6),
-                    **({"gap_change": round(c.gap_change, 6)} if fair else {}),
-                    "cohens_d": round(float(assoc.d[c.latent]), 6),
-                    "p": float(assoc.p[c.latent]),
-                }
-                for c in candidates
-            ],
-        },
-        "sweep": points,
-        "pareto": {m: pareto(points, m) for m in metrics},
-        "chosen": chosen,
-        "baselines_at_budget": baselines,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    methods = build_methods(Setup(ctx, runtime, parsed, dev_ev, candidates, sweep_points))
+    swept = [Swept(m) for m in methods]
+    total = sum(len(m.strengths) for m in methods)
+    with tqdm(total=total, desc=f"sweep ({target})", disable=not progress) as bar:
+        for s in swept:
+            for strength in s.method.strengths:
+                s.dev.append(dev.measure(s.method.lists(dev_ev, float(strength)), replicates=False))
+                s.test.append(test.measure(s.method.lists(test_ev, float(strength))))
+                bar.update()
+    for s in swept:
+        select(s, parsed, budget, dev.original)
+    steering = best_steering(swept, parsed)
+    operating = {s.method.name: operating_point(s, dev, dev_ev, test.original, dev.original) for s in swept}
+    result = summarise(parsed, run_dir, budget, swept, steering, dev, test, operating)
+    result["latents"] = latents_block(assoc, candidates, fdr, parsed)
+    result["chosen"] = chosen_block(ctx, layout, parsed, steering, budget, runtime, log)
     if groups is not None:
         result["groups"] = {"column": parsed.column, "group": groups.label, "rest": groups.rest,
                             "users": {stage: {"group": int(ev.data.group.sum()), "rest": int((~ev.data.group).sum())}
-                                      for stage, ev in (("dev", dev), ("test", test))}}  # fmt: skip
-    out = RunLayout(run_dir).debias
-    write_json(out / f"{parsed.name}.json", result)
-    write_report(out)
+                                      for stage, ev in (("dev", dev_ev), ("test", test_ev))}}  # fmt: skip
+    result["bootstrap"] = {"resamples": bootstrap, "level": LEVEL, "seed": {"dev": seed, "test": seed + 1}}
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(layout.debias / f"{parsed.name}.json", result)
+    write_report(layout.debias)
     return result
 
 
-def _steered(sae: SAERuntime, edits: list) -> Callable[[Evaluator], np.ndarray]:
-    return _steered_transform(policy_transform(sae, edits))
+def select(s: Swept, target: Target, budget: float, original_dev: PointReplicates) -> None:
+    """The method's operating point on validation (`selection.pick_operating_point`)."""
+    if not s.dev:
+        return
+    dev_values = [p.values for p in s.dev]
+    allowed = None
+    if target.fairness:
+        allowed = np.array([v["ndcg_gap"] <= original_dev.values["ndcg_gap"] + 1e-12 for v in dev_values])
+    picked = pick_operating_point(s.method.strengths, np.array([p.loss for p in s.dev]),
+                                  np.array([objective(v, target) for v in dev_values]), budget, allowed,
+                                  s.method.anchored)  # fmt: skip
+    s.pick, s.smoothed = picked.index, picked.smoothed
 
 
-def _steered_transform(transform: Callable | None) -> Callable[[Evaluator], np.ndarray]:
-    return lambda ev: ev.scores(transform).topk(K, dim=1).indices.numpy()
+def best_steering(swept: list[Swept], target: Target) -> Swept | None:
+    """The steering family whose operating point has the best validation objective (ties: registry order)."""
+    chosen = [s for s in swept if s.method.role == "steering" and s.pick is not None]
+    return min(chosen, key=lambda s: objective(s.dev[s.pick].values, target), default=None)  # type: ignore[index]
 
 
-def _penalty(lam: float, popularity: np.ndarray) -> Callable[[Evaluator], np.ndarray]:
-    return lambda ev: popularity_penalty(ev.data.scores, popularity, lam, K)
+def operating_point(
+    s: Swept, dev: StageMeasure, dev_ev: Evaluator, original_test: PointReplicates, original_dev: PointReplicates
+) -> dict[str, Any]:
+    """A method's operating point: strength, dev and test metrics with intervals and changes against the original
+    (dev measured again at that strength, with the dev resamples)."""
+    if s.pick is None:
+        why = s.method.info.get("skipped") or "no point's smoothed dev NDCG loss fits the budget (and constraint)"
+        return {"strength": None, "reason": why}
+    strength = float(s.method.strengths[s.pick])
+    dev_point = dev.measure(s.method.lists(dev_ev, strength))
+    return {
+        "strength": round(strength, 8),
+        "smoothed_dev_ndcg_rel_loss": round(float(s.smoothed[s.pick]), 6),
+        "dev": with_intervals(dev_point, original_dev),
+        "test": with_intervals(s.test[s.pick], original_test),
+    }
 
 
-def _xquad(lam: float, head: np.ndarray) -> Callable[[Evaluator], np.ndarray]:
-    def lists(ev: Evaluator) -> np.ndarray:
-        seen = ev.seen
-        share = np.array([(~head[seen.row(u)]).mean() if len(seen.row(u)) else 0.0 for u in ev.data.users])
-        return xquad(ev.data.scores, head, share, lam, K)
+def summarise(
+    target: Target, run_dir: Path, budget: float, swept: list[Swept], steering: Swept | None, dev: StageMeasure,
+    test: StageMeasure, operating: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """The report dict: originals, methods, sweep, operating points, comparison, bands and verdict."""
+    metrics = FAIRNESS_METRICS if target.fairness else POPULARITY_METRICS
+    measured = {s.method.name: s.test for s in swept if s.test}
+    unanchored = {s.method.name for s in swept if not s.method.anchored}
+    fronts = dict(measured)
+    if steering is not None:
+        fronts = {"steering": steering.test, **measured}
+        if not steering.method.anchored:
+            unanchored.add("steering")
+    sweep = [
+        {"method": s.method.name, "role": s.method.role, "strength": round(float(strength), 8),
+         "metrics": values(t), "ndcg_rel_loss": round(t.loss, 6), "dev_metrics": values(d),
+         "dev_ndcg_rel_loss": round(d.loss, 6), "smoothed_dev_ndcg_rel_loss": round(float(s.smoothed[i]), 6),
+         "operating_point": i == s.pick}
+        for s in swept for i, (strength, d, t) in enumerate(zip(s.method.strengths, s.dev, s.test, strict=True))
+    ]  # fmt: skip
+    upper = max(0.10, 2 * budget)
+    name, point, strength = None, None, None
+    if steering is not None and steering.pick is not None:
+        name, point = "steering", steering.test[steering.pick]
+        strength = float(steering.method.strengths[steering.pick])
+    if target.fairness:
+        verdict = fairness_verdict(name, point, strength, test.original, fronts, unanchored)
+    else:
+        verdict = popularity_verdict(fronts, name, test.original, unanchored)
+    return {
+        "target": target.spec, "name": target.name, "run": str(run_dir), "budget": budget, "selection": SELECTION,
+        "head_tail": HEAD_DEFINITION, "n_head_items": int(test.context.head.sum()),
+        "n_deep_tail_items": int(test.context.deep.sum()), "bias_metrics": list(metrics),
+        "original": values(test.original), "original_dev": values(dev.original),
+        "original_ci95": with_intervals(test.original)["metrics"],
+        "methods": {s.method.name: {"role": s.method.role, "kind": s.method.kind, "anchored": s.method.anchored,
+                                    "strength": s.method.meaning, "points": len(s.method.strengths),
+                                    "strengths": [round(float(x), 8) for x in s.method.strengths],
+                                    "fit": s.method.info} for s in swept},
+        "steering": None if steering is None else steering.method.name,
+        "operating_points": operating,
+        "comparison": comparison(fronts, metrics, test.original, LOSSES, unanchored),
+        "fronts": bands(fronts, metrics, test.original, unanchored, upper),
+        "verdict": verdict,
+        "sweep": sweep,
+    }  # fmt: skip
 
-    return lists
+
+def latents_block(assoc: Any, candidates: list, fdr: float, target: Target) -> dict[str, Any]:
+    """The screened latents (nudge and pin families)."""
+    return {"fdr": fdr, "n_significant": int(assoc.significant.sum()), "candidates": [
+        {"latent": c.latent, "edit": c.edit.__dict__, "bias_drop": round(c.bias_drop, 6),
+         "ndcg_loss": round(c.ndcg_loss, 6), "efficiency": round(c.efficiency, 6),
+         **({"gap_change": round(c.gap_change, 6)} if target.fairness else {}),
+         "cohens_d": round(float(assoc.d[c.latent]), 6), "p": float(assoc.p[c.latent])}
+        for c in candidates]}  # fmt: skip
+
+
+def chosen_block(
+    ctx: RunContext, layout: RunLayout, target: Target, steering: Swept | None, budget: float, runtime: SAERuntime,
+    log: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """Write the chosen steering family's policy at its operating point (recorded: `recsae bundle` refuses it if its
+    bytes change) and describe it; no policy when no steering family fits the budget on dev."""
+    empty = {"policy": None, "kind": None, "method": None, "strength": None, "metrics": None, "ndcg_rel_loss": None}
+    if steering is None or steering.pick is None:
+        why = " with the NDCG gap no wider than the original's" if target.fairness else ""
+        log(f"no steering point stays within {budget:.1%} relative NDCG@{K} loss on dev{why}; no policy written")
+        return empty
+    method, i = steering.method, steering.pick
+    strength = float(method.strengths[i])
+    dev_point, test_point = steering.dev[i], steering.test[i]
+    path = layout.policy(target.name)
+    extra: dict[str, Any] = {}
+    if method.fitted is not None:
+        policy = policy_kinds.with_report(method.fitted.with_strength(strength), runtime.w_dec, concept_names(layout))
+        description = (f"{target.spec} de-biasing: {method.name} ({policy.kind}) at strength {strength:g}, chosen on "
+                       f"validation within {budget:.1%} relative NDCG@{K} loss")  # fmt: skip
+        doc = policy_kinds.policy_document(policy, target.name, target.spec, description, made_for(ctx),
+                                           next_version(path), method=method.name, budget=budget,
+                                           dev_metrics=values(dev_point))  # fmt: skip
+    else:
+        assert method.edits is not None
+        edits = method.edits(strength)
+        n = int(strength) if method.kind == "pin" else int(method.info["n_latents"])
+        family = method.info.get("weighting") or method.info.get("family", "screened")
+        doc = policy_document(ctx, target, edits, strength, n, budget, values(dev_point), path, family)
+        doc = {"kind": method.kind, **doc, "method": method.name}
+        extra = {"n_latents": n, "edits": doc["edits"]}
+    write_json_recorded(path, doc)
+    log(f"chosen: {method.name} at strength {strength:g}: test {values(test_point)}")
+    return {"policy": target.name, "kind": method.kind, "method": method.name, "version": doc["version"],
+            "strength": round(strength, 8), **extra, "metrics": values(test_point),
+            "ndcg_rel_loss": round(test_point.loss, 6), "dev_metrics": values(dev_point),
+            "dev_ndcg_rel_loss": round(dev_point.loss, 6),
+            "smoothed_dev_ndcg_rel_loss": round(float(steering.smoothed[i]), 6), "policy_file": str(path)}  # fmt: skip
+
+
+def next_version(path: Path) -> int:
+    """One more than the version of the policy file already there (1 when none, or unreadable)."""
+    if path.is_file():
+        try:
+            return int(read_json(path).get("version", 0)) + 1
+        except (ValueError, TypeError, AttributeError):
+            return 1
+    return 1
+
+
+def concept_names(layout: RunLayout) -> dict[int, str]:
+    """The catalog's concept name per latent (empty without a catalog): policies report what they load on."""
+    if not layout.catalog.is_file():
+        return {}
+    try:
+        return {int(c["latent"]): str(c["name"]) for c in read_json(layout.catalog).get("concepts", [])}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
 
 
 def debias(
     run_dir: Path, target: str, budget: float = 0.02, fdr: float = 0.05, max_candidates: int = 24,
-    progress: bool = True, log: Callable[[str], None] = print, strengths: Sequence[float] | None = None,
+    progress: bool = True, log: Callable[[str], None] = print, sweep_points: int = SWEEP_POINTS,
+    bootstrap: int = N_BOOT,
 ) -> dict[str, Any]:  # fmt: skip
-    """Find the latents behind `target`'s bias, sweep the policy and the baselines, choose on validation within
-    `budget` relative NDCG@10 loss, and write RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and
-    RUN_DIR/policies/<name>.json (the last only when a point fits the budget). Returns the report dict.
+    """Fit and sweep every method of `target`, choose operating points on validation within `budget` relative
+    NDCG@10 loss, compare the fronts on test with `bootstrap` paired resamples (0: no intervals), and write
+    RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and RUN_DIR/policies/<name>.json (the last only when a
+    steering family has a point within the budget). Returns the report dict.
 
     `target`: 'popularity', 'gender' or 'attribute:COLUMN=VALUE' (see `recsae_core.debias.targets`); <name> is
     its file name."""
-    from recsae_core.debias.experiment import STRENGTHS, run_debias
-
-    return run_debias(run_dir, target, budget, fdr, max_candidates, progress, log, strengths or STRENGTHS)
+    return run_debias(run_dir, target, budget, fdr, max_candidates, progress, log, sweep_points, bootstrap)

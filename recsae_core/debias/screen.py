@@ -34,7 +34,7 @@ from recsae_core.common.artifacts import read_json, sha256_file
 from recsae_core.common.errors import ConfigError
 from recsae_core.common.layout import SAE_WEIGHTS, RunLayout
 from recsae_core.data.splits import Stage
-from recsae_core.debias.bias_metrics import group_ndcg, leakage_auc, ndcg_at_k, popularity_metrics
+from recsae_core.debias.bias_metrics import leakage_auc, leakage_scores, list_metrics, metric_context, ndcg_at_k
 from recsae_core.debias.rerank import cohens_d
 from recsae_core.debias.targets import Groups, Target
 from recsae_core.recommenders.evaluate import make_batch, mask_seen
@@ -167,6 +167,8 @@ class Evaluator:
     def __init__(self, ctx: RunContext, data: StageData, popularity: np.ndarray, head: np.ndarray) -> None:
         self.ctx, self.data, self.popularity, self.head = ctx, data, popularity, head
         self.seen = ctx.split.seen(data.stage)
+        self.context = metric_context(popularity, [self.seen.row(u) for u in data.users], data.group)
+        """Item groups, each user's history mix and group: what every point's metrics share."""
 
     @torch.no_grad()
     def scores(self, transform: Callable[[Tensor], Tensor] | None) -> Tensor:
@@ -177,13 +179,11 @@ class Evaluator:
 
     def metrics(self, topk: np.ndarray) -> dict[str, float]:
         ndcg = ndcg_at_k(topk, self.data.targets)
-        out = {f"ndcg@{K}": float(ndcg.mean()), **popularity_metrics(topk, self.popularity, self.head)}
-        if self.data.group is not None:
-            inside, outside = group_ndcg(ndcg, self.data.group)
-            out["leakage_auc"] = leakage_auc(topk, self.data.group, self.ctx.split.n_items)
+        group = self.data.group
+        scores = None if group is None else leakage_scores(topk, group, self.ctx.split.n_items)
+        out = list_metrics(topk, ndcg, self.context, scores)
+        if group is not None:
             out["history_leakage_auc"] = float(self.data.history_auc)
-            out["ndcg_gap"] = abs(inside - outside)
-            out[f"group_ndcg@{K}"], out[f"rest_ndcg@{K}"] = inside, outside
         return {k: round(v, 6) for k, v in out.items()}
 
     def steer(self, transform: Callable[[Tensor], Tensor] | None) -> dict[str, float]:

@@ -12,6 +12,8 @@ from typing import Any
 from recsae_core.common.cli_config import ConfigOptions, Typed, typed
 from recsae_core.common.errors import ConfigError, RecsaeError
 from recsae_core.common.ranges import non_negative_int, positive_float, positive_int
+from recsae_core.concepts.control_config import ConceptControlConfig
+from recsae_core.debias.sweeps import SWEEP_POINTS
 from recsae_core.recommenders.config import TrainConfig
 from recsae_core.sae.config import SAETrainConfig
 
@@ -33,10 +35,16 @@ TRAIN_OPTIONS = ConfigOptions(TrainConfig, {
 """The recommender's training options (train-recommender, pipeline)."""
 SAE_OPTIONS = ConfigOptions(SAETrainConfig, {
     "n_latents": "--latents", "k": "--k", "lr": "--sae-lr", "epochs": "--sae-epochs",
-    "max_minutes": "--sae-max-minutes", "dead_after": "--dead-after", "device": "--device", "progress": "--quiet",
+    "max_samples": "--sae-max-samples", "max_minutes": "--sae-max-minutes", "dead_after": "--dead-after",
+    "device": "--device", "progress": "--quiet",
 })  # fmt: skip
 """The SAE options (train-sae, bundle --import-onnx); the pipeline shares --device and --quiet with training, and
 sae-sweep takes k and the width from --ks and --widths."""
+CONTROL_OPTIONS = ConfigOptions(ConceptControlConfig, {
+    "min_users": "--min-users", "goal": "--goal", "budget": "--budget", "max_collateral": "--max-collateral",
+    "progress": "--quiet",
+})  # fmt: skip
+"""concept-control's options."""
 PIPELINE_SAE_OPTIONS = SAE_OPTIONS.without("device", "progress")
 SWEEP_SAE_OPTIONS = SAE_OPTIONS.without("n_latents", "k")
 IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work")
@@ -187,7 +195,17 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     deb.add_argument("--budget", type=positive_float, default=0.02, help="max relative NDCG@10 loss (validation)")
     deb.add_argument("--fdr", type=positive_float, default=0.05, help="Benjamini-Hochberg false discovery rate")
     deb.add_argument("--candidates", type=positive_int, default=24, help="discoveries the causal screen tests")
+    deb.add_argument("--sweep-points", type=positive_int, default=SWEEP_POINTS,
+                     help=f"strengths swept per method, the same for every method ({SWEEP_POINTS})")  # fmt: skip
+    deb.add_argument("--bootstrap", type=non_negative_int, default=None,
+                     help="resamples of the paired bootstrap over users behind every 95%% interval (default: "
+                          "recsae_core.debias.bootstrap.N_BOOT, 1000; 0 = no intervals)")  # fmt: skip
     deb.add_argument("--quiet", action="store_true", help="no progress bars")
+    control = sub.add_parser("concept-control", help="ablate each concept that names an item attribute (genre, "
+                             "...) and measure the attribute's drop, collateral and NDCG loss against an oracle "
+                             "re-ranker: RUN/debias/concepts.json and the debias report")  # fmt: skip
+    control.add_argument("--run", required=True, type=Path, help="run folder with recommender, SAE and catalog")
+    CONTROL_OPTIONS.add_to(control)
     if extend is not None:
         extend(sub)
     return parser
@@ -373,6 +391,21 @@ def cmd_sae_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("concept-control")
+def cmd_concept_control(args: argparse.Namespace) -> int:
+    from recsae_core.common.layout import REPORT, RunLayout
+    from recsae_core.concepts.control import concept_control
+    from recsae_core.debias.report import write_report
+
+    result = concept_control(args.run, CONTROL_OPTIONS.build(args))
+    layout = RunLayout(args.run)
+    write_report(layout.debias)
+    print(json.dumps({"concepts": str(layout.concept_control), "report": str(layout.debias / REPORT),
+                      "measured": len(result["concepts"]), "skipped": len(result["skipped"]),
+                      "genre": result["summary"]["genre"], "seconds": result["seconds"]}))  # fmt: skip
+    return 0
+
+
 @command("debias")
 def cmd_debias(args: argparse.Namespace) -> int:
     from recsae_core.common.layout import REPORT, RunLayout
@@ -382,15 +415,23 @@ def cmd_debias(args: argparse.Namespace) -> int:
         raise ConfigError(f"--budget is a relative NDCG@10 loss in (0, 1), got {args.budget}")
     if not args.fdr < 1:
         raise ConfigError(f"--fdr is a false discovery rate in (0, 1), got {args.fdr}")
+    from recsae_core.debias.bootstrap import N_BOOT
+
+    if args.sweep_points < 2:
+        raise ConfigError(f"--sweep-points must be at least 2 (a front needs points), got {args.sweep_points}")
     result = debias(
         args.run, args.target, args.budget, fdr=args.fdr, max_candidates=args.candidates, progress=not args.quiet,
-        log=lambda message: print(message, file=sys.stderr),
+        log=lambda message: print(message, file=sys.stderr), sweep_points=args.sweep_points,
+        bootstrap=N_BOOT if args.bootstrap is None else args.bootstrap,
     )  # fmt: skip
-    keys = ("policy", "version", "strength", "ndcg_rel_loss", "metrics")
+    keys = ("policy", "kind", "method", "version", "strength", "ndcg_rel_loss", "metrics")
     chosen = result.get("chosen") or {}
+    operating = {name: {"strength": p["strength"], "ndcg_rel_loss": p["test"]["ndcg_rel_loss"]}
+                 if p["strength"] is not None else None for name, p in result["operating_points"].items()}  # fmt: skip
     print(json.dumps({
         "target": result["target"], "original": result["original"], "chosen": {k: chosen.get(k) for k in keys},
-        "baselines_at_budget": result["baselines_at_budget"], "report": str(RunLayout(args.run).debias / REPORT),
+        "operating_points": operating, "verdict": result["verdict"], "seconds": result["seconds"],
+        "report": str(RunLayout(args.run).debias / REPORT),
     }))  # fmt: skip
     return 0
 

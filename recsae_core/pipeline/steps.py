@@ -11,31 +11,37 @@ from typing import Any
 from recsae_core.bundle.export import contents_from_run
 from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.artifacts import atomic_folder, read_json, write_json
-from recsae_core.common.errors import ArtifactError
-from recsae_core.common.layout import CONFIG, METRICS, STATS_FILE, RunLayout
+from recsae_core.common.errors import ArtifactError, IncompleteError
+from recsae_core.common.layout import CONFIG, MADE_FROM, METRICS, STATS_FILE, RunLayout
 from recsae_core.concepts.catalog import concepts_step
 from recsae_core.probe.collect import collect, load_activations
 from recsae_core.recommenders.config import TrainConfig
-from recsae_core.recommenders.run import load_run, train_step
+from recsae_core.recommenders.run import add_contract, load_run, train_step
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.fit import fit_sae
 from recsae_core.sae.stats import save_stats
 
 
 def probe_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    ctx = load_run(run_dir)
+    ctx = load_run(run_dir)  # first: it gives a run trained before contracts its contract
+    RunLayout(run_dir).verify_recommender()
     result = collect(ctx, progress=progress)
     return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
 
 
 def sae_step(run_dir: Path, config: SAETrainConfig) -> dict[str, Any]:
     """Train, select and evaluate the run's SAE, and write RUN_DIR/sae atomically."""
-    ctx = load_run(run_dir, device="cpu")
     layout = RunLayout(run_dir)
-    if not layout.probe_complete():
-        raise ArtifactError(f"{layout.probe}: no complete probe (run 'recsae pipeline' or the probe step first)")
+    try:
+        layout.verify_probe()  # and the recommender it was made from
+    except IncompleteError as err:
+        raise ArtifactError(f"{layout.probe}: no complete probe ({err}); run 'recsae pipeline' or the probe step "
+                            "first") from None  # fmt: skip
+    ctx = load_run(run_dir, device="cpu")
+    made_from = layout.made_from(layout.probe)
     activations, _, _ = load_activations(layout.probe)
     fitted = fit_sae(ctx, activations, config)
+    fitted.metrics[MADE_FROM] = made_from
     with atomic_folder(layout.sae) as folder:
         fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
         save_stats(fitted.stats, folder / STATS_FILE)
@@ -46,44 +52,63 @@ def sae_step(run_dir: Path, config: SAETrainConfig) -> dict[str, Any]:
 def bundle_step(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     """Export the run (ONNX, items, users, SAE, and catalog/policies when present) into a verified bundle."""
     layout = RunLayout(run_dir)
-    if not layout.sae_complete():
-        raise ArtifactError(f"{layout.sae}: no trained SAE (run 'recsae train-sae --run {run_dir}' first)")
+    try:
+        layout.verify_sae()  # and the probe and recommender it was made from
+    except IncompleteError as err:
+        raise ArtifactError(f"{layout.sae}: no trained SAE ({err}); run 'recsae train-sae --run {run_dir}' "
+                            "first") from None  # fmt: skip
+    if layout.catalog.is_file():  # bundled only when intact and built from this SAE
+        try:
+            layout.verify_catalog()
+        except IncompleteError as err:
+            hint = f"rebuild it with 'recsae pipeline --run {run_dir}', or remove {layout.concepts} to leave it out"
+            raise ArtifactError(f"{err}; {hint}") from None
     ctx = load_run(run_dir)
     out = out or layout.bundle
     with tempfile.TemporaryDirectory() as work:
         contents, parity = contents_from_run(ctx, layout.sae, Path(work))
         contents.catalog_path = layout.catalog if layout.catalog.is_file() else None
         contents.policy_paths = layout.policy_files()
+        contents.meta[MADE_FROM] = layout.made_from(layout.recommender, layout.sae)
         manifest = write_bundle(contents, out, parity=parity)
     verify_bundle(out)
     return {"bundle": str(out), "versions": manifest["versions"], "parity": parity}
 
 
-Step = tuple[str, Callable[[], bool], Callable[[], dict]]
-"""A pipeline step: its name, whether its outputs are complete and valid, and how to run it."""
+Step = tuple[str, Callable[[], object], Callable[[], dict]]
+"""A pipeline step: its name, the check of its outputs (raises IncompleteError when the step has not finished,
+ArtifactError naming a file whose bytes changed since), and how to run it."""
 
 
 def steps_after_recommender(run_dir: Path, sae_config: SAETrainConfig) -> list[Step]:
     """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported."""
     layout = RunLayout(run_dir)
     return [
-        ("probe", layout.probe_complete, lambda: probe_step(run_dir, sae_config.progress)),
-        ("sae", layout.sae_complete, lambda: sae_step(run_dir, sae_config)),
-        ("concepts", layout.catalog_complete, lambda: concepts_step(run_dir, sae_config.progress)),
-        ("bundle", layout.bundle_complete, lambda: bundle_step(run_dir)),
+        ("probe", layout.verify_probe, lambda: probe_step(run_dir, sae_config.progress)),
+        ("sae", layout.verify_sae, lambda: sae_step(run_dir, sae_config)),
+        ("concepts", layout.verify_catalog, lambda: concepts_step(run_dir, sae_config.progress)),
+        ("bundle", layout.verify_bundle, lambda: bundle_step(run_dir)),
     ]
 
 
 def run_steps(steps: list[Step], force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run `steps` in order; a step whose outputs are complete and valid is skipped (unless `force`), and every step
-    after one that ran runs too (it depends on that output)."""
+    """Run `steps` in order; a step whose outputs are complete and intact is skipped (unless `force`), one whose
+    files changed since it finished is redone with a line naming the file, and every step after one that ran runs
+    too (it depends on that output)."""
     summary: dict[str, Any] = {}
     redo = force
-    for index, (name, complete, run) in enumerate(steps, start=1):
-        if not redo and complete():
-            log(f"[{index}/{len(steps)}] {name}: up to date, skipped")
-            summary[name] = "skipped"
-            continue
+    for index, (name, verify, run) in enumerate(steps, start=1):
+        if not redo:
+            try:
+                verify()
+            except IncompleteError:
+                pass
+            except ArtifactError as err:
+                log(f"[{index}/{len(steps)}] {name}: {err}; redoing the step")
+            else:
+                log(f"[{index}/{len(steps)}] {name}: up to date, skipped")
+                summary[name] = "skipped"
+                continue
         log(f"[{index}/{len(steps)}] {name}: running")
         started = time.perf_counter()
         summary[name] = run()
@@ -104,14 +129,24 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Train `model` on `dataset` into a new or matching run, then every later step (`run_steps`)."""
     layout = RunLayout(run_dir)
-    if layout.recommender_complete():
+    layout.remove_stale_temps()
+    if layout.needs_contract():  # trained before runs carried a contract: add it, never retrain for it
+        add_contract(run_dir)
+    try:
+        layout.verify_recommender()
+    except IncompleteError:
+        pass  # not trained yet, or cut short: train it
+    except ArtifactError as err:
+        if not force:  # never retrained silently: minutes to hours, and a new model under the same run
+            raise ArtifactError(f"{err}; restore it, or retrain the run with --force") from None
+    else:
         existing = read_json(layout.recommender / CONFIG)
         if (existing.get("dataset"), existing.get("recommender", {}).get("model")) != (dataset, model):
             raise ArtifactError(
                 f"{run_dir}: holds a {existing.get('recommender', {}).get('model')} run on "
                 f"{existing.get('dataset')}, not {model} on {dataset}; use another --out"
             )
-    train: Step = ("recommender", layout.recommender_complete,
+    train: Step = ("recommender", layout.verify_recommender,
                    lambda: train_step(run_dir, dataset, model, protocol, train_config))  # fmt: skip
     return run_steps([train, *steps_after_recommender(run_dir, sae_config)], force, log)
 
@@ -121,7 +156,12 @@ def pipeline_on_run(
 ) -> dict[str, Any]:
     """Every step after the recommender on an existing run, trained here or imported (`force` redoes them all,
     never the recommender itself)."""
-    if not RunLayout(run_dir).recommender_complete():
-        raise ArtifactError(f"{RunLayout(run_dir).recommender}: no complete recommender here; 'recsae import' one, "
-                            "or train one with 'recsae pipeline --dataset D --model M --out RUN_DIR'")  # fmt: skip
+    RunLayout(run_dir).remove_stale_temps()
+    if RunLayout(run_dir).needs_contract():
+        add_contract(run_dir)
+    try:
+        RunLayout(run_dir).verify_recommender()  # corrupt: refused, naming the file (it is not recomputed here)
+    except IncompleteError:
+        hint = "'recsae import' one, or train one with 'recsae pipeline --dataset D --model M --out RUN_DIR'"
+        raise ArtifactError(f"{RunLayout(run_dir).recommender}: no complete recommender here; {hint}") from None
     return run_steps(steps_after_recommender(run_dir, sae_config), force, log)

@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from recsae_core.common.artifacts import atomic_folder, read_json, write_json
+from recsae_core.common.artifacts import atomic_folder, write_json
 from recsae_core.common.errors import ArtifactError
-from recsae_core.common.layout import PROBE_META, RunLayout
+from recsae_core.common.layout import MADE_FROM, PROBE_META, RunLayout, verify_probe_folder
 from recsae_core.common.onnx import h_output, load_inputs, open_onnx
 from recsae_core.recommenders.base import Batch
 from recsae_core.recommenders.batching import make_batch, pad_histories
@@ -104,7 +104,8 @@ def collect(
     """Probe a trained run into RUN_DIR/probe (atomically)."""
     ctx.model.cpu().eval()
     samples = _sequence_samples(ctx, batch_size) if ctx.model.sequential else _user_samples(ctx, batch_size)
-    target = RunLayout(ctx.root).probe
+    layout = RunLayout(ctx.root)
+    target, made_from = layout.probe, layout.made_from(layout.recommender)
     with atomic_folder(target) as folder:
         writer = ShardWriter(folder, rows_per_shard)
         for h, users, positions in tqdm(samples, desc="probe", disable=not progress, unit="batch"):
@@ -119,6 +120,7 @@ def collect(
                 "shards": shards,
                 "source": ctx.model.name,
                 "sample": "position" if ctx.model.sequential else "user",
+                MADE_FROM: made_from,
             },
         )
     return ProbeResult(folder=target, n_samples=writer.total, d=d, shards=shards)
@@ -161,8 +163,9 @@ def collect_onnx(
 
 
 def load_activations(folder: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """All probed h (N, d) as one float32 tensor, with each sample's user and position."""
-    meta = read_json(folder / PROBE_META)
+    """All probed h (N, d) as one float32 tensor, with each sample's user and position; the folder is checked
+    against its completion record first (ArtifactError naming a changed or missing shard)."""
+    meta = verify_probe_folder(folder)
     hs, users, positions = [], [], []
     for shard in meta.get("shards", []):
         try:

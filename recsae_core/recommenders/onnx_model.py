@@ -208,19 +208,20 @@ def model_indices(ids: IdMap, tokens: list[str], what: str) -> np.ndarray:
 
 
 class OnnxRecommender(Recommender):
-    """The contract of a recommender trained elsewhere, on a Dataset whose dense item i is `model_items[i]` in the
-    model and whose dense user u is `model_users[u]` (user_index: the model's user index; custom: the row of the
-    user inputs). No trainable parameters: it is evaluated and probed, never trained."""
+    """The contract of a recommender, trained elsewhere or here (`contract_export`), on a Dataset whose dense item i is
+    `model_items[i]` in the model and whose dense user u is `model_users[u]` (user_index: the model's user index;
+    custom: the row of the user inputs). No trainable parameters: it is evaluated and probed, never trained."""
 
     name = "onnx"
     config_class = OnnxConfig
 
-    def __init__(self, contract: Contract, dataset: Dataset) -> None:
+    def __init__(self, contract: Contract, dataset: Dataset, name: str = "onnx") -> None:
         recipe = contract.recipe
         config = OnnxConfig(n_users=dataset.n_users, n_items=dataset.n_items, dim=contract.dim,
                             max_len=recipe.max_len, kind=recipe.kind)  # fmt: skip
         super().__init__(config)
         self.sequential = recipe.kind == "sequence"  # per instance: the recipe decides, not the class
+        self.name = name  # type: ignore[misc]  # an in-house model keeps its own name (bprmf, ...) in every record
         self.contract = contract
         self.onnx_path: Path = contract.onnx_path
         self.recipe: Recipe = recipe
@@ -263,7 +264,7 @@ class OnnxRecommender(Recommender):
         return self.bias
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise ArtifactError("an imported recommender was trained elsewhere; recsae does not train it")
+        raise ArtifactError("a contract is a frozen ONNX model; recsae trains only its own recommenders, in PyTorch")
 
     def export_module(self) -> nn.Module:
-        raise ArtifactError(f"an imported recommender is already an ONNX model ({self.onnx_path}); bundle it as is")
+        raise ArtifactError(f"a contract is already an ONNX model ({self.onnx_path}); bundle it as is")

@@ -9,6 +9,7 @@ dispatch cost more than the arithmetic.
     codes = sae.encode(h)                       # SparseCodes: (B, k) latent ids and activations, strongest first
     seen = sae.monitor(h, variance)             # the codes and each row's reconstruction FVU
     steered = sae.steer(h, edits_per_row)       # h' = h + (z' - z) W_dec; rows without edits come back as they were
+    shifted = sae.shift_pre(h, shift, strength) # PopSteer: TopK(ReLU(pre + s * shift)) decoded, latents drop or enter
     sae.levels(seen.codes.values)               # RecSAE activation levels 1..10
 """
 
@@ -141,9 +142,16 @@ class SAERuntime:
             raise ValueError(f"h must have shape (B, {self.d_in}), got {h.shape}")
         return h
 
+    def pre_activations(self, h: np.ndarray) -> np.ndarray:
+        """(B, n_latents) float32 dense encoder pre-activations (h - b_dec) W_enc + b_enc, before ReLU and TopK."""
+        return (self._input(h) - self.b_dec) @ self.w_enc + self.b_enc
+
     def _top_k(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's k largest ReLU pre-activations and their latents, in argpartition's (unspecified) order."""
-        pre = np.maximum((h - self.b_dec) @ self.w_enc + self.b_enc, 0.0)
+        return self._top_k_of(np.maximum(self.pre_activations(h), 0.0))
+
+    def _top_k_of(self, pre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """_top_k of ReLU'd pre-activations."""
         k = min(self.k, pre.shape[1])
         top = np.argpartition(-pre, k - 1, axis=1)[:, :k]
         return top, np.take_along_axis(pre, top, axis=1)
@@ -175,12 +183,18 @@ class SAERuntime:
     # ---------------------------------------------------------------- steering
 
     def steer(
-        self, h: np.ndarray, edits_per_row: Sequence[Sequence[Edit]], codes: SparseCodes | None = None
+        self,
+        h: np.ndarray,
+        edits_per_row: Sequence[Sequence[Edit]],
+        codes: SparseCodes | None = None,
+        weights_per_row: Sequence[Sequence[float] | None] | None = None,
     ) -> Steered:
         """Edit each row of h by its own list of edits (an empty list leaves the row as it was). The edits must have
         passed validate_edits, which allows one edit per latent per row: each (row, latent) pair is then written
         once, z' - z is non-zero only there, and the decoder delta is a sum over the edits rather than a dense
-        (B, n_latents) product. `codes`: h's codes when the caller already has them (from monitor)."""
+        (B, n_latents) product. `codes`: h's codes when the caller already has them (from monitor).
+        `weights_per_row`: optional multipliers of each edit's change z' - z (a policy's per-request strength:
+        w = 0 leaves the latent as it was, 1 is the edit itself); None, or a None row, means 1 for every edit."""
         h = np.asarray(h)
         x = self._input(h)
         if len(edits_per_row) != len(x):
@@ -188,20 +202,50 @@ class SAERuntime:
         if self.unit_scale is None:
             raise ValueError("steering needs the SAE's latent statistics (edit units)")
         z = (codes if codes is not None else self.encode(x)).dense(self.n_latents)
-        rows, latents, ops, raw = [], [], [], []
+        rows, latents, ops, raw, weights = [], [], [], [], []
         for i, row_edits in enumerate(edits_per_row):
-            for edit in row_edits:
+            row_weights = None if weights_per_row is None else weights_per_row[i]
+            if row_weights is not None and len(row_weights) != len(row_edits):
+                raise ValueError(f"row {i}: {len(row_weights)} weights for {len(row_edits)} edits")
+            for e, edit in enumerate(row_edits):
                 rows.append(i)
                 latents.append(edit.latent)
                 ops.append(edit.op)
                 raw.append(edit.value * self.unit_scale[UNITS.index(edit.unit), edit.latent])
+                weights.append(1.0 if row_weights is None else float(row_weights[e]))
         if not rows:
             return Steered(h.copy(), z, z.copy())
         r, j = np.asarray(rows), np.asarray(latents)
         current = z[r, j]
         edited = apply_ops(np.asarray(ops), current, np.asarray(raw, dtype=np.float32))
+        w = np.asarray(weights, dtype=np.float32)
+        # Weight 1 keeps the op's own value bit for bit (current + (v - current) need not equal v in floats).
+        edited = np.where(w == 1, edited, current + w * (edited - current)).astype(np.float32)
         z_new = z.copy()
         z_new[r, j] = edited
         h_new = h.copy()
         np.add.at(h_new, r, (edited - current)[:, None] * self.w_dec[j])
         return Steered(h_new, z, z_new)
+
+    def shift_pre(
+        self, h: np.ndarray, shift: np.ndarray, strength: float | np.ndarray = 1.0, keep_error: bool = False
+    ) -> Steered:
+        """PopSteer's edit: every latent's dense pre-activation moves by strength x shift before ReLU and TopK run
+        again (so latents drop out of the top k or enter it), and the reconstruction of the new code is served:
+        h' = x_hat(z'). With `keep_error`, h' = h + x_hat(z') - x_hat(z) keeps the SAE's error term instead, as
+        `steer` does. `shift`: (n_latents,) or (B, n_latents); `strength`: a number or (B,) per row. Unlike `steer`,
+        a row at strength 0 comes back as its reconstruction, not as h (unless keep_error)."""
+        x = self._input(h)
+        shift = np.asarray(shift, dtype=np.float32)
+        if shift.shape not in ((self.n_latents,), (len(x), self.n_latents)):
+            raise ValueError(f"shift must have shape ({self.n_latents},) or ({len(x)}, {self.n_latents}), got "
+                             f"{shift.shape}")  # fmt: skip
+        strength = np.broadcast_to(np.asarray(strength, dtype=np.float32), (len(x),))
+        pre = self.pre_activations(x)
+        top, values = self._top_k_of(np.maximum(pre, 0.0))
+        new_top, new_values = self._top_k_of(np.maximum(pre + strength[:, None] * shift, 0.0))
+        x_new = self.reconstruct(new_top, new_values)
+        h_new = x + (x_new - self.reconstruct(top, values)) if keep_error else x_new
+        z = SparseCodes(top, values).dense(self.n_latents)
+        z_new = SparseCodes(new_top, new_values).dense(self.n_latents)
+        return Steered(h_new.astype(np.asarray(h).dtype, copy=False), z, z_new)

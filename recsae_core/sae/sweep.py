@@ -8,8 +8,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from recsae_core.common.artifacts import write_json
-from recsae_core.common.errors import ArtifactError, ConfigError
+from recsae_core.common.artifacts import write_json, write_text_atomic
+from recsae_core.common.errors import ArtifactError, ConfigError, IncompleteError
 from recsae_core.common.html import figure_html, page, table_html
 from recsae_core.common.layout import RunLayout
 from recsae_core.probe.collect import load_activations
@@ -25,8 +25,11 @@ def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], config: SAETrainC
     if not pairs:
         raise ConfigError(f"every k in {ks} exceeds every width in {widths}: nothing to sweep")
     layout = RunLayout(run_dir)
-    if not layout.probe_complete():
-        raise ArtifactError(f"{layout.probe}: no complete probe (run 'recsae pipeline' first)")
+    try:  # a changed file is refused by name; an unfinished probe asks for the pipeline
+        layout.verify_probe()
+    except IncompleteError as err:
+        raise ArtifactError(f"{layout.probe}: no complete probe ({err}); run 'recsae pipeline' first") from None
+    layout.verify_recommender()
     ctx = load_run(run_dir)
     activations, _, _ = load_activations(layout.probe)
     points = []
@@ -41,7 +44,7 @@ def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], config: SAETrainC
         })  # fmt: skip
     result = {"run": str(run_dir), "model": ctx.model.name, "dataset": ctx.config["dataset"], "points": points}
     write_json(out, result)
-    out.with_suffix(".html").write_text(render(result))
+    write_text_atomic(out.with_suffix(".html"), render(result))
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +39,11 @@ class SAETrainResult:
     config: SAETrainConfig
     """The run's settings, resolved against the training data (batch size, selection cadence, dead window)."""
     stopped_by: str = "epochs"
-    """Why training ended: 'epochs' (the cap), 'patience' (no kept checkpoint for `patience` evaluations after the
-    last learning-rate drop) or 'time' (the wall-time budget)."""
+    """Why training ended: 'epochs' (the cap), 'samples' (the sample budget), 'patience' (no kept checkpoint for
+    `patience` evaluations after the last learning-rate drop) or 'wall_clock_safety' (the safety stop fired: the
+    result then depends on the machine's speed)."""
+    samples_seen: int = 0
+    """Training samples over all epochs run (what `max_samples` counts)."""
     history: list[dict[str, float]] = field(default_factory=list)
     """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu and
     valid_dead_fraction (on `valid`, when given), score."""
@@ -131,9 +135,10 @@ def train_sae(
             "aux_loss": sums["aux_loss"] / n_batches,
             "dead_fraction": 1.0 - float(fired.float().mean()),
         }
-        # Checked every epoch, scored or not; the epoch that runs out of time is scored, like the last one.
+        # Checked every epoch, scored or not; the epoch that ends training on a budget is scored, like the last one.
+        spent = bool(tc.max_samples) and seen >= tc.max_samples
         out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
-        if epoch % tc.select_every and epoch != tc.epochs and not out_of_time:
+        if epoch % tc.select_every and epoch != tc.epochs and not (spent or out_of_time):
             history.append(row)
             continue
         sae.eval()
@@ -171,8 +176,14 @@ def train_sae(
         elif stale >= tc.patience:
             stopped_by = "patience"
             break
+        if spent:
+            stopped_by = "samples"
+            break
         if out_of_time:
-            stopped_by = "time"
+            stopped_by = "wall_clock_safety"
+            print(f"recsae: warning: SAE training hit the {tc.max_minutes:g}-minute wall-clock safety stop after "
+                  f"{epoch} epochs ({seen} samples); the best checkpoint so far is kept, and this SAE depends on the "
+                  "machine's speed (metrics.json: stopped_by wall_clock_safety)", file=sys.stderr)  # fmt: skip
             break
     bar.close()
 
@@ -188,6 +199,7 @@ def train_sae(
         samples_per_second=seen / max(seconds, 1e-9),
         history=history,
         stopped_by=stopped_by,
+        samples_seen=seen,
     )
 
 
@@ -197,6 +209,7 @@ def training_summary(result: SAETrainResult) -> dict[str, Any]:
     return {
         "n_latents": tc.n_latents, "k": tc.k, "lr": tc.lr, "batch_size": tc.batch_size,
         "dead_after": result.sae.cfg.dead_after, "max_dead": tc.max_dead, "select_every": tc.select_every,
+        "seed": tc.seed, "max_samples": tc.max_samples, "samples_seen": result.samples_seen,
         "max_minutes": tc.max_minutes, "seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 1), "best_epoch": result.best_epoch,
         "epochs_trained": result.epochs_trained, "stopped_by": result.stopped_by,

@@ -49,13 +49,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $threads := max 1 (int (floor $s.numCpus)) -}}
 {{- $userConfig := merge (dict "bundle" $bundle "threads" $threads) (deepCopy $s.userConfig) -}}
 {{- $deployment := dict "name" "recsae" "user_config" $userConfig "health_check_period_s" 10 "health_check_timeout_s" 30 "graceful_shutdown_timeout_s" 20 -}}
+{{- $replicas := ternary $s.autoscaling.maxReplicas $s.numReplicas $s.autoscaling.enabled -}}
+{{- $ingress := dict "name" "ingress" "num_replicas" (int $s.ingressReplicas) "max_ongoing_requests" (mul (int $replicas) (int $s.maxOngoingRequests)) "max_queued_requests" (int $s.maxQueuedRequests) "backpressure_config" (dict "retry_after_s" $s.retryAfterS) -}}
 {{- if $s.autoscaling.enabled -}}
 {{- $_ := set $deployment "num_replicas" "auto" -}}
 {{- $_ := set $deployment "autoscaling_config" (dict "min_replicas" $s.autoscaling.minReplicas "max_replicas" $s.autoscaling.maxReplicas "target_ongoing_requests" $s.autoscaling.targetOngoingRequests) -}}
 {{- else -}}
 {{- $_ := set $deployment "num_replicas" $s.numReplicas -}}
 {{- end -}}
-{{- $app := dict "name" "recsae" "route_prefix" $s.routePrefix "import_path" "service.app:app" "args" (dict "bundle" $bundle "num_cpus" $s.numCpus "max_ongoing_requests" $s.maxOngoingRequests) "deployments" (list $deployment) -}}
+{{- $app := dict "name" "recsae" "route_prefix" $s.routePrefix "import_path" "service.app:app" "args" (dict "bundle" $bundle "num_cpus" $s.numCpus "max_ongoing_requests" $s.maxOngoingRequests) "deployments" (list $ingress $deployment) -}}
 {{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int .Values.service.port)) "logging_config" (dict "log_level" "INFO" "enable_access_log" false) "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}
@@ -127,4 +129,27 @@ initContainers:
     resources:
       {{- toYaml .Values.bundle.initContainer.resources | nindent 6 }}
 {{- end }}
+{{- end -}}
+
+{{/* The RayJob's pods: labelled apart from the serving pods (app.kubernetes.io/name differs), so that neither the
+Service nor the PodMonitor selects them. */}}
+{{- define "recsae.jobPodMetadata" -}}
+labels:
+  app.kubernetes.io/name: {{ include "recsae.name" .root }}-pipeline
+  app.kubernetes.io/instance: {{ .root.Release.Name }}
+  app.kubernetes.io/component: {{ .component }}
+  {{- with .root.Values.podLabels }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with .root.Values.podAnnotations }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The RayJob's volume: the bundle PVC, writable (the RayService mounts the same claim read-only). */}}
+{{- define "recsae.jobVolume" -}}
+- name: bundle
+  persistentVolumeClaim:
+    claimName: {{ .Values.bundle.pvc.claimName }}
 {{- end -}}
