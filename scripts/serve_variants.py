@@ -5,10 +5,10 @@ drift in the machine's load touches every variant alike. Prints and saves p50/p9
 
     python scripts/serve_variants.py BUNDLE OUT.json VARIANTS.json [--rounds 6] [--duration 3] [--concurrency 1,16]
 
-VARIANTS.json: {"name": {"env": {...}, "config": {...}, "replicas": 1, "relay": true}, ...}. `env` is applied before Ray starts
-(e.g. {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"} for Ray's Python proxy); "relay":
-false serves the model deployment as the HTTP ingress itself, without service.ingress's relay (to measure that hop;
-not a supported deployment). How docs/benchmarks.md compared the candidates of issue 18.
+VARIANTS.json: {"name": {"env": {...}, "config": {...}, "replicas": 1, "relay": true}, ...}. `env` is applied before
+Ray starts (e.g. {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"} for Ray's Python proxy);
+"relay": false serves the model deployment as the HTTP ingress itself, without service.ingress's relay (to measure
+that hop; not a supported deployment). How docs/benchmarks.md compared the candidates of issue 18.
 """
 
 from __future__ import annotations
