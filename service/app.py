@@ -27,7 +27,7 @@ from recsae_core.common.errors import ArtifactError, ConfigError, RecsaeError
 from service.batching import Batcher
 from service.engine import Row, RowResult, limit_threads
 from service.errors import RequestError
-from service.ingress import BUNDLE_HEADER, Ingress, Relayed, run_asgi
+from service.ingress import BUNDLE_HEADER, BundleHeader, Ingress, Relayed, run_asgi, serving_bundle
 from service.prometheus import ServiceMetrics, policy_label
 from service.prometheus import current as current_metrics
 from service.prometheus import register as register_metrics
@@ -112,6 +112,7 @@ class MetricsMiddleware:
 
 
 fastapi_app.add_middleware(MetricsMiddleware)
+fastapi_app.add_middleware(BundleHeader)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -218,6 +219,7 @@ class RecsaeService:
             windows = (new.concept_metric_cap, new.drift_window)
             changed = served is not self.served or old is None or windows != (old.concept_metric_cap, old.drift_window)
             self.served, self.config = served, new
+            serving_bundle(str(served.versions.get("bundle")))
             if changed:
                 self.metrics.use_bundle(served, *windows)
                 self.metrics.steering_switch(new.steering)
@@ -361,24 +363,29 @@ class RecsaeService:
 
     async def forward(self, scope: dict[str, Any], body: bytes) -> Relayed:
         """One HTTP request relayed by the ingress (service/ingress.py), answered by this replica's FastAPI app as if
-        it had come over HTTP. Every answer names the bundle that served it (a recommendation sets its own)."""
-        relayed = await run_asgi(self.app, scope, body)
-        if not any(name == BUNDLE_HEADER.encode() for name, _ in relayed.headers):
-            relayed.headers.append((BUNDLE_HEADER.encode(), str(self.served.versions.get("bundle")).encode()))
-        return relayed
+        it had come over HTTP (with its headers: BundleHeader names the bundle)."""
+        return await run_asgi(self.app, scope, body)
 
 
 def app_builder(args: dict[str, Any] | None = None) -> Application:
     """Build the application from `serve run service.app:app_builder bundle=...` arguments or a YAML `args:`
     block: ServiceConfig fields, plus the model deployment's num_replicas (alias replicas), num_cpus and
-    max_ongoing_requests, and the ingress's ingress_replicas, max_queued_requests (-1: unbounded) and retry_after_s
-    (the Retry-After of its 503s). `bundle` defaults to $RECSAE_BUNDLE. HTTP enters through the Ingress deployment,
-    which relays to the model deployment `recsae` (service/ingress.py)."""
+    max_ongoing_requests; max_queued_requests (-1: unbounded) and retry_after_s (the Retry-After of the 503 that
+    sheds a request beyond them); relay (default true) and, with it, ingress_replicas. `bundle` defaults to
+    $RECSAE_BUNDLE. With relay, HTTP enters through the Ingress deployment, which relays to the model deployment
+    `recsae` and retries a request whose replica dies (service/ingress.py). relay=false lets the model deployment
+    take HTTP itself: no retry and no relay hop, the fastest path under Ray's high-throughput mode (docs/deploy.md,
+    "Latency and the relay", for what it gives up)."""
     args = dict(args or {})
     if "bundle" not in args and os.environ.get(BUNDLE_ENV):
         args["bundle"] = os.environ[BUNDLE_ENV]
     if "bundle" not in args:
         raise ConfigError(f"service needs a bundle: pass bundle=/path/to/bundle or set ${BUNDLE_ENV}")
+    relay = args.pop("relay", True)
+    if isinstance(relay, str) and relay.lower() in ("true", "false", "1", "0"):
+        relay = relay.lower() in ("true", "1")
+    if not isinstance(relay, bool):
+        raise ConfigError(f"service needs relay true or false (got {relay!r})")
     try:
         replicas = int(args.pop("num_replicas", args.pop("replicas", 1)))
         cpus = float(args.pop("num_cpus", 1))
@@ -402,13 +409,20 @@ def app_builder(args: dict[str, Any] | None = None) -> Application:
         raise ConfigError(f"service config: {validation_message(err)}") from None
     ongoing = max(ongoing, 2 * cfg.max_batch_size, 16)
     backpressure = {"retry_after_s": retry_after}
-    model = RecsaeService.options(num_replicas=replicas, max_ongoing_requests=ongoing, user_config=cfg.model_dump(),
-                                  ray_actor_options={"num_cpus": cpus}).bind(ongoing)  # fmt: skip
+    options: dict[str, Any] = {"num_replicas": replicas, "max_ongoing_requests": ongoing,
+                               "user_config": cfg.model_dump(), "ray_actor_options": {"num_cpus": cpus}}  # fmt: skip
+    if not relay:
+        # The replica takes max_ongoing_requests at once, lets max_queued_requests more wait for a slot (behind
+        # HAProxy: in the replica itself), and the rest are answered 503 + Retry-After before any user code.
+        return RecsaeService.options(**options, max_queued_requests=queued, backpressure_config=backpressure).bind(
+            ongoing
+        )
+    model = RecsaeService.options(**options).bind(ongoing)
     # Admission happens at the proxy, the cheapest place to refuse a request: each ingress replica relays at most
     # what the model replicas take at once (so nothing waits without bound at the model either), and beyond its
     # queue the proxy answers 503 itself. With autoscaling, set the ingress's max_ongoing_requests in the config to
     # max_replicas x max_ongoing_requests. (Not a max_queued_requests on the model: Ray counts a request as queued
-    # while it is being assigned, so a burst the replicas can take would be refused.)
+    # while the ingress's handle assigns it, so a burst the replicas can take would be refused.)
     limits = {"max_ongoing_requests": replicas * ongoing, "max_queued_requests": queued}
     return Ingress.options(num_replicas=ingress_replicas, backpressure_config=backpressure, **limits).bind(
         model, retry_after

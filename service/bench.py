@@ -38,12 +38,14 @@ def bench_serve(
     policy: str | None = None,
     edits: list[Any] | None = None,
     user_config: dict[str, Any] | None = None,
+    relay: bool = True,
 ) -> dict[str, Any]:
     """Every mode, floor included, at every concurrency, in `rounds` interleaved rounds (the mode order rotates each
     round), so that drift in the machine's load affects all modes alike instead of whichever ran last. Steer mode
     sends `policy` and/or `edits` (plan_steering; refused with ConfigError before Ray starts); it stops with
     SteeringNotApplied at the first steer run in which an answer was not steered. `user_config` adds deployment
-    settings (the floor gets them too, with the SAE on); Ray's settings come from the environment (`ray_env`).
+    settings (the floor gets them too, with the SAE on); `relay` False serves without the relaying ingress
+    (service.app:app_builder); Ray's settings come from the environment (`ray_env`).
     The floor and the Ray service both run throughout, each idle while the other is measured."""
     limit_threads(1)  # as in a one-CPU replica
     config = ServiceConfig.model_validate({"bundle": str(bundle), **(user_config or {})})
@@ -56,6 +58,7 @@ def bench_serve(
         "warmup_s": warmup,
         "rounds": rounds,
         "load_generator": "aiohttp closed loop, same machine",
+        "relay": relay,
         "floor": "service.floor: monitor requests, engine inline, one uvicorn process without Ray, no batching",
         "load_average": {"start": [round(v, 2) for v in os.getloadavg()]},
         "steer": plan.record(served),
@@ -65,11 +68,12 @@ def bench_serve(
     }
     floor = FloorServer.start(bundle, {**(user_config or {}), "sae": True})
     try:
-        service = start_local(bundle, port=free_port(), metrics_port=free_port(), user_config=user_config)
+        service = start_local(bundle, port=free_port(), metrics_port=free_port(), user_config=user_config,
+                              app_args={"relay": relay})  # fmt: skip
     except BaseException:
         floor.stop()
         raise
-    # As Ray's processes got them (start_local adds its defaults, service.local.FAST_RAY_ENV).
+    # As Ray's processes got them (start_local adds its local defaults, service.local.haproxy_local_env).
     result["ray_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
     state = {"sae": True, "batching": True}
 

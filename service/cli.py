@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     return core_parser(extend=add_service_commands)
 
 
+NO_RELAY = (
+    "the model deployment takes HTTP itself: no relay hop, and no retry of a request whose replica dies "
+    "(docs/deploy.md, 'Latency and the relay')"
+)
+
+
 def add_service_commands(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve a bundle over HTTP with Ray Serve (Ctrl-C stops it)")
     serve.add_argument("--bundle", required=True, type=Path, help="bundle folder (recsae bundle / pipeline)")
@@ -46,6 +52,7 @@ def add_service_commands(sub: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     serve.add_argument("--replicas", type=positive_int, default=1)
     serve.add_argument("--metrics-port", type=port, default=8081, help="Prometheus export port of Ray")
+    serve.add_argument("--no-relay", action="store_true", help=NO_RELAY)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
@@ -72,6 +79,7 @@ def add_service_commands(sub: Any) -> None:
         help='edits every steer-mode request sends, as the HTTP API takes them, e.g. \'[{"concept": "drama-3", '
         '"op": "nudge", "value": -2, "unit": "std"}]\'; with --policy, both apply',
     )  # fmt: skip
+    bserve.add_argument("--no-relay", action="store_true", help=NO_RELAY)
     soak = bench_sub.add_parser("soak", help="mixed traffic for a set time: latency drift, replica RSS, errors")
     soak.add_argument("--bundle", required=True, type=Path, help="bundle folder to serve")
     soak.add_argument("--out", required=True, type=Path, help="JSON report")
@@ -106,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.local import start_local
 
     _check_bundle(args.bundle)
-    service = start_local(args.bundle.resolve(), args.port, args.metrics_port, args.host, args.replicas)
+    service = start_local(args.bundle.resolve(), args.port, args.metrics_port, args.host, args.replicas,
+                          app_args={"relay": not args.no_relay})  # fmt: skip
 
     def stop(*_: object) -> None:
         raise KeyboardInterrupt
@@ -144,7 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # The steering is validated inside bench_serve before Ray starts; a refusal is one line and exit 2, and so is a
     # steer-mode answer without steering_applied (SteeringNotApplied), which ends the run without a report.
     result = bench_serve(
-        args.bundle.resolve(), args.duration, args.concurrency, args.warmup, args.rounds, args.policy, edits
+        args.bundle.resolve(), args.duration, args.concurrency, args.warmup, args.rounds, args.policy, edits,
+        relay=not args.no_relay,
     )
     write_report(result, args.out)
     summary = {key: result[key] for key in ("steer", "http", "floor_ratios", "batching")}

@@ -39,6 +39,39 @@ BUNDLE_HEADER = "x-recsae-bundle"
 """Response header: `versions.bundle` of the bundle that served the request (every response of a model replica)."""
 
 
+_SERVING: dict[str, str | None] = {"version": None}
+"""`versions.bundle` of the bundle this process (one replica) serves now."""
+
+
+def serving_bundle(version: str) -> None:
+    """Record the bundle this replica serves now (RecsaeService.switch). A function here, not a global of
+    service.app: Ray pickles the deployment class by value, with copies of the globals its methods use."""
+    _SERVING["version"] = version
+
+
+class BundleHeader:
+    """Names the bundle that served the request on every answer (`X-Recsae-Bundle`), relayed or not; a
+    recommendation sets its own (the bundle its batch ran on, which a reload may have replaced since)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def add_header(message: dict) -> None:
+            version = _SERVING["version"]
+            if message["type"] == "http.response.start" and version is not None:
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == BUNDLE_HEADER.encode() for name, _ in headers):
+                    message = {**message, "headers": [*headers, (BUNDLE_HEADER.encode(), version.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, add_header)
+
+
 class Relayed(NamedTuple):
     """One HTTP answer, as the model replica produced it."""
 

@@ -142,32 +142,29 @@ def slow_machine_env() -> None:
         os.environ.setdefault(key, value)
 
 
-FAST_RAY_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
-}
+HIGH_THROUGHPUT_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 """Ray Serve's high-throughput mode (Ray >= 2.56, "Enable High Throughput on Ray Serve"): HAProxy is the HTTP ingress
-and sends each request straight to an ingress replica's own HTTP server, so no Python proxy actor and no actor call
-sit on the request path; calls between deployments go over gRPC; user code runs on the replica's main event loop.
-On the 2-core machine it cut the p50 at concurrency 1 about 3-fold and raised throughput at 16 about 4-fold
-(docs/benchmarks.md). Locally: one HAProxy thread (one machine), and replicas drain for 1 s instead of 30 on shutdown
-(the 30 s give a cluster's load balancers time to stop sending; here HAProxy is told at once). Set any of them in the
-environment to override, e.g. RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 for Ray's Python proxy."""
+and hands each request straight to an ingress replica's own HTTP server, so no Python proxy actor and no actor call
+sit on the way in; calls between deployments go over gRPC; user code runs on the replica's main event loop. On the
+2-core machine it cut the p50 at concurrency 1 about 3-fold and raised throughput at 16 about 4-fold
+(docs/benchmarks.md). Not the default: under it a burst beyond the replicas' capacity waits in HAProxy instead of
+being shed with 503 by Ray's proxy (docs/deploy.md, Overload). Set both in the environment to use it."""
+HAPROXY_LOCAL_ENV = {"RAY_SERVE_HAPROXY_NBTHREAD": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+"""With HAProxy on, locally: one HAProxy thread (one machine), and replicas drain 1 s instead of 30 on shutdown (the
+30 s give a cluster's load balancers time to stop sending; here HAProxy is told at once)."""
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
 _chosen: set[str] = set()
 
 
-def fast_ingress_env() -> None:
-    """FAST_RAY_ENV where the environment does not say otherwise; with HAProxy on, free ports for its stats and
-    metrics listeners: Ray's defaults (8404, 9101) are per machine, so a second local service at once (a test, a
-    bench, another user) would fail to start. Ports set by the user win; the ones chosen here are chosen anew at each
-    start."""
-    for key, value in FAST_RAY_ENV.items():
-        os.environ.setdefault(key, value)
+def haproxy_local_env() -> None:
+    """With HAProxy on (HIGH_THROUGHPUT_ENV in the environment): HAPROXY_LOCAL_ENV where the environment does not say
+    otherwise, and free ports for HAProxy's stats and metrics listeners. Ray's defaults (8404, 9101) are per machine,
+    so a second local service at once (a test, a bench, another user) would fail to start. Ports set by the user win;
+    the ones chosen here are chosen anew at each start."""
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
         return
+    for key, value in HAPROXY_LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
     for key in HAPROXY_PORTS:
         if key in _chosen or key not in os.environ:
             os.environ[key] = str(free_port())
@@ -194,7 +191,7 @@ def start_local(
     from ray import serve
 
     slow_machine_env()
-    fast_ingress_env()
+    haproxy_local_env()
     cpus = os.cpu_count() or 1
     per_replica = num_cpus if num_cpus is not None else min(1.0, cpus / replicas)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

@@ -53,7 +53,7 @@ def direct_app(args: dict[str, Any]) -> Any:
     relay scenario's baseline, not a way to deploy recsae."""
     from service.app import app_builder
 
-    return app_builder(args)._bound_deployment.init_args[0]
+    return app_builder({**args, "relay": False})
 
 
 def variant_bundle(src: Path, dst: Path) -> Path:

@@ -13,6 +13,7 @@ import pytest
 from service.bench_cpu import OTHERS, cpu_seconds, cpu_use, py_spy_summary
 from service.bench_load import Traced
 from service.bench_profile import Span, profile_serve, read_spans, segment_table, segments, server_timing
+from service.local import HIGH_THROUGHPUT_ENV
 
 MS = 1_000_000
 TIMING = "parse;dur=0.100, queue;dur=2.000, batch;dur=5.000, respond;dur=0.200, represent;dur=2.000, total;dur=3.000"
@@ -132,9 +133,17 @@ def test_py_spy_samples_go_to_the_innermost_recsae_frame(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_profile_of_the_service_joins_every_request(service_bundle: Path) -> None:
+@pytest.mark.parametrize("ingress", ["python proxy", "haproxy"])
+def test_profile_of_the_service_joins_every_request(
+    service_bundle: Path, monkeypatch: pytest.MonkeyPatch, ingress: str
+) -> None:
+    if ingress == "haproxy":  # Ray Serve's high-throughput mode: no proxy span, the ingress replica is the entry
+        for key, value in HIGH_THROUGHPUT_ENV.items():
+            monkeypatch.setenv(key, value)
     result = profile_serve(service_bundle, [2], duration=1.0, warmup=0.5)
     out = result["concurrency"]["2"]
+    entry = "client -> ingress (HAProxy)" if ingress == "haproxy" else "client -> proxy handler"
+    assert next(iter(out["timeline"]["segments"])) == entry
     timeline = out["timeline"]
     assert out["plain"]["requests"] > 0 and out["traced"]["requests"] > 0
     # Ray Serve traced every request the client sent with a sampled traceparent, and they all pair up.

@@ -25,7 +25,7 @@ def test_interval_of_a_mean_matches_the_normal_theory_width() -> None:
     n, sigma = 2000, 2.0
     values = np.random.default_rng(7).normal(3.0, sigma, n)
     replicates = mean_replicates(values, resample_users(n, n_boot=2000, seed=3))
-    low, high = interval(replicates)
+    low, high = interval(replicates, values.mean())
     expected = 2 * 1.96 * sigma / np.sqrt(n)
     assert high - low == pytest.approx(expected, rel=0.1)
     assert replicates.std() == pytest.approx(sigma / np.sqrt(n), rel=0.1)
@@ -79,6 +79,25 @@ def test_measure_point_recomputes_set_level_metrics_per_resample() -> None:
     assert coverage == pytest.approx(point.replicates["coverage@5"])
     with pytest.raises(ValueError, match="resamples are of 60 users"):
         measure_point(lists[:10], ndcg[:10], original[:10], ctx, resamples, scores[:10])
+
+
+def test_set_level_interval_is_centred_on_the_estimate() -> None:
+    """Coverage of 400 users' lists: a resample with replacement holds ~63% distinct users, so every replicate's
+    coverage lies below the estimate and a plain percentile interval would miss it; the re-centred interval holds it
+    and keeps the replicates' spread."""
+    rng = np.random.default_rng(2)
+    n_users, n_items = 400, 3000
+    lists = rng.integers(0, n_items, (n_users, 10))
+    popularity = rng.integers(1, 50, n_items)
+    estimate = popularity_metrics(lists, popularity)["coverage@10"]
+    resamples = resample_users(n_users, 500, seed=4)
+    replicates = statistic_replicates(lambda idx: popularity_metrics(lists[idx], popularity)["coverage@10"], resamples)
+    assert replicates.max() < estimate  # the artefact the re-centring removes
+    low, high = interval(replicates, estimate)
+    assert low < estimate < high
+    spread = np.percentile(replicates, [2.5, 97.5])
+    assert high - low == pytest.approx(spread[1] - spread[0])
+    assert interval(replicates, float("nan")) is None
 
 
 def test_summary_form() -> None:

@@ -23,8 +23,9 @@ import pytest
 from recsae_core.bundle.format import load_bundle
 from service.app import ADMIN_TOKEN_ENV
 from service.ingress import BUNDLE_HEADER
-from service.local import LocalService, free_port, start_local
+from service.local import LocalService, app_config, free_port, start_local
 from service.reliability import (
+    DIRECT,
     EXPORT_INTERVAL,
     RETRIES,
     Background,
@@ -56,10 +57,15 @@ class Fleet:
 def fleet(service_bundle: Path) -> Iterator[Fleet]:
     saved = {key: os.environ.get(key) for key in (ADMIN_TOKEN_ENV, EXPORT_INTERVAL)}
     os.environ.update({ADMIN_TOKEN_ENV: TOKEN, EXPORT_INTERVAL: "1000"})  # inherited by Ray's workers at ray.init
+    limits = {"max_queued_requests": QUEUED, "retry_after_s": RETRY_AFTER_S}
+    # Beside the fleet, the same service without the relay (relay=false: the model deployment takes HTTP itself).
+    direct = app_config({"bundle": str(service_bundle), "num_replicas": 1, "num_cpus": 0.25, **limits},
+                        {"bundle": str(service_bundle), "max_batch_size": 8}, name=DIRECT, route_prefix=f"/{DIRECT}",
+                        import_path="service.reliability:direct_app")  # fmt: skip
     try:
         service = start_local(
             service_bundle, free_port(), free_port(), replicas=2, num_cpus=0.5,
-            user_config={"max_batch_size": 8}, app_args={"max_queued_requests": QUEUED, "retry_after_s": RETRY_AFTER_S},
+            user_config={"max_batch_size": 8}, app_args=limits, extra_apps=[direct],
         )  # fmt: skip
     finally:
         for key, value in saved.items():
@@ -97,6 +103,24 @@ class Load:
     def stop(self) -> list[Outcome]:
         self.halt.set()
         return self.loader.join()
+
+
+def test_every_answer_names_its_bundle_with_or_without_the_relay(fleet: Fleet) -> None:
+    version = load_bundle(fleet.bundle).manifest["versions"]["bundle"]
+    user = fleet.users[0]
+    for prefix in ("", f"/{DIRECT}"):
+        for method, path, body in (("GET", "/readyz", None), ("GET", "/v1/policies", None),
+                                   ("POST", "/v1/recommend", {"user_id": user, "k": 5}),
+                                   ("POST", "/v1/recommend", {"user_id": user, "k": -1}),
+                                   ("GET", "/no-such-route", None)):  # fmt: skip
+            answer = httpx.request(method, fleet.service.url + prefix + path, json=body, timeout=30)
+            assert answer.status_code in (200, 404, 422), (prefix, path, answer.text)
+            assert answer.headers[BUNDLE_HEADER] == version, (prefix, path)
+    # The direct app is the model deployment alone: no ingress deployment in front of it.
+    from ray.serve.context import _get_global_client
+
+    deployments = _get_global_client().get_serve_details()["applications"][DIRECT]["deployments"]
+    assert set(deployments) == {"recsae"}
 
 
 def test_a_rollout_reaches_every_replica_and_a_refused_bundle_none(fleet: Fleet, tmp_path: Path) -> None:

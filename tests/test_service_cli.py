@@ -74,6 +74,12 @@ def test_app_builder_validates_arguments() -> None:
     assert (ingress._bound_deployment.name, model.name) == ("ingress", "recsae")
     assert limits == (2 * model.max_ongoing_requests, 8)
     assert ingress._bound_deployment.backpressure_config.retry_after_s == 3
+    # relay=false: the model deployment takes HTTP itself and sheds beyond its own queue.
+    direct = app_builder({"bundle": "/b", "relay": "false", "max_queued_requests": 8, "retry_after_s": 3})
+    direct = direct._bound_deployment
+    assert (direct.name, direct.max_queued_requests, direct.backpressure_config.retry_after_s) == ("recsae", 8, 3)
+    with pytest.raises(ConfigError, match="relay true or false"):
+        app_builder({"bundle": "/b", "relay": "sometimes"})
     assert app is app_builder
 
 

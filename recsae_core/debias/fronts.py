@@ -100,14 +100,15 @@ def describe(front: FrontValue, origin_value: float | None = None, origin_replic
     "reason" instead of a value when the loss is out of reach."""
     if front.value is None:
         return {"value": None, "ci95": None, "reason": front.reason}
-    ci = interval(front.replicates, level)
+    ci = interval(front.replicates, front.value, level)
     out: dict[str, Any] = {"value": round(front.value, digits),
                            "ci95": None if ci is None else [round(c, digits) for c in ci]}  # fmt: skip
     if origin_value is not None and origin_value != 0:
-        out["rel_change"] = round(front.value / origin_value - 1, digits)
+        change = front.value / origin_value - 1
+        out["rel_change"] = round(change, digits)
         if origin_replicates is not None:
             with np.errstate(invalid="ignore", divide="ignore"):
-                change_ci = interval(front.replicates / origin_replicates - 1, level)
+                change_ci = interval(front.replicates / origin_replicates - 1, change, level)
             out["rel_change_ci95"] = None if change_ci is None else [round(c, digits) for c in change_ci]
     out_of_reach = int((~np.isfinite(front.replicates)).sum())
     if out_of_reach:
@@ -120,7 +121,7 @@ def difference(a: FrontValue, b: FrontValue, level: float = LEVEL, digits: int =
     resamples); None value when either is out of reach."""
     if a.value is None or b.value is None:
         return {"value": None, "ci95": None, "reason": a.reason or b.reason}
-    ci = interval(a.replicates - b.replicates, level)
+    ci = interval(a.replicates - b.replicates, a.value - b.value, level)
     return {"value": round(a.value - b.value, digits), "ci95": None if ci is None else [round(c, digits) for c in ci]}
 
 

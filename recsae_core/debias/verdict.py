@@ -42,7 +42,7 @@ def bands(
         anchor = None if method in unanchored else origin
         for metric in metrics:
             read = front_at(points, metric, grid, anchor)
-            cis = [interval(f.replicates) if f.value is not None else None for f in read]
+            cis = [interval(f.replicates, f.value) if f.value is not None else None for f in read]
             out.setdefault(method, {})[metric] = {
                 "value": [None if f.value is None else round(f.value, 6) for f in read],
                 "low": [None if ci is None else round(ci[0], 6) for ci in cis],
