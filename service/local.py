@@ -195,7 +195,10 @@ def start_local(
     cpus = os.cpu_count() or 1
     per_replica = num_cpus if num_cpus is not None else min(1.0, cpus / replicas)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    ray.init(num_cpus=cpus, include_dashboard=False, _metrics_export_port=metrics_port, logging_level=logging.WARNING)
+    # address="local": a new Ray for this service even where `ray start` runs a cluster on this machine (plain
+    # ray.init() would join that one, and refuse num_cpus).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, _metrics_export_port=metrics_port,
+             logging_level=logging.WARNING)  # fmt: skip
     args = {"bundle": str(bundle), "num_replicas": replicas, "num_cpus": per_replica, **(app_args or {})}
     config = {"bundle": str(bundle), "threads": max(1, int(per_replica)), **(user_config or {})}
     service = LocalService(

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from recsae_core.bundle.format import load_bundle
-from recsae_core.common.artifacts import RECORD, atomic_folder, check_record, folder_files, write_json_recorded
+from recsae_core.common.artifacts import RECORD, UMASK, atomic_folder, check_record, folder_files, write_json_recorded
 from recsae_core.common.errors import ArtifactError, IncompleteError
 from recsae_core.common.layout import MANIFEST, RunLayout
 from recsae_core.pipeline.steps import pipeline_on_run, run_steps
@@ -82,6 +82,18 @@ def test_every_file_of_a_run_is_covered(finished_run):
     assert on_disk == covered
     assert {"recommender/model.onnx", "probe/shard-00000.safetensors", "sae/sae_weights.safetensors",
             "concepts/catalog.json", "policies/popularity.json", "bundle/policies/popularity.json"} <= on_disk
+
+
+def test_artifacts_have_the_usual_modes(finished_run):
+    """Written through temp files and folders, every file and folder of a run and its bundle still gets the mode a
+    plain write would (0644 / 0755 under umask 022), not tempfile's private 0600 / 0700: a service running as
+    another user must be able to read a bundle a job wrote."""
+    wrong = {}
+    for path in [finished_run, *finished_run.rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~UMASK
+        if path.stat().st_mode & 0o777 != expected:
+            wrong[path.relative_to(finished_run).as_posix()] = oct(path.stat().st_mode & 0o777)
+    assert not wrong, f"expected {oct(0o666 & ~UMASK)} / {oct(0o777 & ~UMASK)}: {wrong}"
 
 
 def stub_steps(run: Path, calls: list[str]) -> list:

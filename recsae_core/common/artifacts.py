@@ -27,6 +27,31 @@ RECORD = "complete.json"
 """A folder's completion record: {"files": {relative path: sha256}}, written after everything it lists."""
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+"""The process's umask, read once at import (reading it means setting it)."""
+
+
+def usual_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a temp file or folder the mode a plain open() or mkdir() would have: tempfile makes them private
+    (0600 / 0700), which would leave artifacts unreadable to another user, e.g. a service that mounts the bundle a
+    job wrote under another uid."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
+
+
+def usual_modes(folder: Path) -> None:
+    """`usual_mode` on a folder and everything in it: safetensors too writes through a private temp file."""
+    usual_mode(folder, folder=True)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            usual_mode(path, folder=path.is_dir())
+
+
 def _is_temp(name: str) -> bool:
     """A temporary file or folder of a write that was cut short (the names this module gives them)."""
     return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old"))
@@ -37,6 +62,7 @@ def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        usual_mode(tmp)
         with os.fdopen(fd, "w") as handle:
             json.dump(obj, handle, indent=2, sort_keys=False)
             handle.write("\n")
@@ -66,6 +92,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        usual_mode(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -99,6 +126,7 @@ def atomic_folder(target: Path, record: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         yield tmp
+        usual_modes(tmp)
         if record:
             write_record(tmp)
         if target.exists():
@@ -132,6 +160,7 @@ def save_tensors_atomic(tensors: dict[str, Tensor], path: Path, metadata: dict[s
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        usual_mode(tmp)  # after: save_file does not keep the temp file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 from recsae_core.common.cli_config import ConfigOptions, Typed, typed
 from recsae_core.common.errors import ConfigError, RecsaeError
 from recsae_core.common.ranges import non_negative_int, positive_float, positive_int
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.concepts.control_config import ConceptControlConfig
 from recsae_core.debias.sweeps import SWEEP_POINTS
 from recsae_core.recommenders.config import TrainConfig
@@ -45,6 +46,8 @@ CONTROL_OPTIONS = ConfigOptions(ConceptControlConfig, {
     "progress": "--quiet",
 })  # fmt: skip
 """concept-control's options."""
+RAY_OPTIONS = ConfigOptions(RayConfig, {"address": "--ray-address", "workers": "--ray-workers"})
+"""Where the distributed steps run (train-sae and pipeline: the probe)."""
 PIPELINE_SAE_OPTIONS = SAE_OPTIONS.without("device", "progress")
 SWEEP_SAE_OPTIONS = SAE_OPTIONS.without("n_latents", "k")
 IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work")
@@ -112,6 +115,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     sae = sub.add_parser("train-sae", help="probe the run's recommender and train a TopK SAE on its activations")
     sae.add_argument("--run", required=True, type=Path, help="run folder with a trained recommender")
     SAE_OPTIONS.add_to(sae)
+    RAY_OPTIONS.add_to(sae)
 
     bundle = sub.add_parser("bundle", help="write the verified bundle the service loads")
     bundle.add_argument("--run", type=Path, help="run folder (recommender + SAE) to bundle")
@@ -182,6 +186,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     pipe.add_argument("--out", type=Path, help="run folder to train into (with --dataset and --model)")
     pipe.add_argument("--force", action="store_true", help="redo every step")
     PIPELINE_SAE_OPTIONS.add_to(pipe)
+    RAY_OPTIONS.add_to(pipe)
     sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
     sweep.add_argument("--run", required=True, type=Path)
     sweep.add_argument("--ks", default="4,8,16,32", help="comma-separated k values")
@@ -219,6 +224,14 @@ def int_list(text: str, flag: str) -> list[int]:
     if not values or min(values) <= 0:
         raise ConfigError(f"{flag} expects comma-separated positive integers, got {text!r}")
     return values
+
+
+def ray_config(args: argparse.Namespace) -> RayConfig:
+    """Where the distributed steps run; --ray-workers without a cluster is refused (it would do nothing)."""
+    config = RAY_OPTIONS.build(args)
+    if not config.on_ray and "--ray-workers" in RAY_OPTIONS.typed(args):
+        raise ConfigError("--ray-workers only applies with --ray-address (or $RAY_ADDRESS)")
+    return config
 
 
 def sae_config(args: argparse.Namespace, options: ConfigOptions = SAE_OPTIONS, **fixed: Any) -> SAETrainConfig:
@@ -273,7 +286,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from recsae_core.pipeline.steps import probe_step, sae_step
 
     config = sae_config(args)
-    probe_step(args.run, config.progress)
+    probe_step(args.run, config.progress, ray_config(args))
     metrics = sae_step(args.run, config)
     keys = ("fvu", "dead_fraction", "seconds", "ndcg@10", "passthrough_identical_top10_fraction")
     print(json.dumps({k: metrics[k] for k in keys}))
@@ -370,10 +383,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise ConfigError(f"{needs}; missing {', '.join(missing)}")
     train = TRAIN_OPTIONS.build(args)
     sae = sae_config(args, PIPELINE_SAE_OPTIONS, device=train.device, progress=train.progress)
+    ray = ray_config(args)
     if args.run is not None:
-        summary = pipeline_on_run(args.run, sae, force=args.force)
+        summary = pipeline_on_run(args.run, sae, force=args.force, ray_config=ray)
     else:
-        summary = run_pipeline(args.out, args.dataset, args.model, args.protocol, train, sae, force=args.force)
+        summary = run_pipeline(args.out, args.dataset, args.model, args.protocol, train, sae, force=args.force,
+                               ray_config=ray)  # fmt: skip
     print(json.dumps({"run": str(args.run or args.out), "steps": list(summary)}))
     return 0
 

@@ -13,6 +13,7 @@ from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.artifacts import atomic_folder, read_json, write_json
 from recsae_core.common.errors import ArtifactError, IncompleteError
 from recsae_core.common.layout import CONFIG, MADE_FROM, METRICS, STATS_FILE, RunLayout
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.concepts.catalog import concepts_step
 from recsae_core.probe.collect import collect, load_activations
 from recsae_core.recommenders.config import TrainConfig
@@ -22,10 +23,17 @@ from recsae_core.sae.fit import fit_sae
 from recsae_core.sae.stats import save_stats
 
 
-def probe_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def probe_step(run_dir: Path, progress: bool = True, ray_config: RayConfig | None = None) -> dict[str, Any]:
+    """Probe the run's recommender into RUN_DIR/probe: in this process, or on the Ray cluster of `ray_config` (the
+    same files either way)."""
     ctx = load_run(run_dir)  # first: it gives a run trained before contracts its contract
     RunLayout(run_dir).verify_recommender()
-    result = collect(ctx, progress=progress)
+    if ray_config is not None and ray_config.on_ray:
+        from recsae_core.probe.on_ray import collect_on_ray
+
+        result = collect_on_ray(ctx, ray_config, progress=progress)
+    else:
+        result = collect(ctx, progress=progress)
     return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
 
 
@@ -80,11 +88,14 @@ Step = tuple[str, Callable[[], object], Callable[[], dict]]
 ArtifactError naming a file whose bytes changed since), and how to run it."""
 
 
-def steps_after_recommender(run_dir: Path, sae_config: SAETrainConfig) -> list[Step]:
-    """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported."""
+def steps_after_recommender(
+    run_dir: Path, sae_config: SAETrainConfig, ray_config: RayConfig | None = None
+) -> list[Step]:
+    """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported (the probe on
+    Ray when `ray_config` names a cluster)."""
     layout = RunLayout(run_dir)
     return [
-        ("probe", layout.verify_probe, lambda: probe_step(run_dir, sae_config.progress)),
+        ("probe", layout.verify_probe, lambda: probe_step(run_dir, sae_config.progress, ray_config)),
         ("sae", layout.verify_sae, lambda: sae_step(run_dir, sae_config)),
         ("concepts", layout.verify_catalog, lambda: concepts_step(run_dir, sae_config.progress)),
         ("bundle", layout.verify_bundle, lambda: bundle_step(run_dir)),
@@ -126,6 +137,7 @@ def run_pipeline(
     sae_config: SAETrainConfig,
     force: bool = False,
     log: Callable[[str], None] = print,
+    ray_config: RayConfig | None = None,
 ) -> dict[str, Any]:
     """Train `model` on `dataset` into a new or matching run, then every later step (`run_steps`)."""
     layout = RunLayout(run_dir)
@@ -148,12 +160,13 @@ def run_pipeline(
             )
     train: Step = ("recommender", layout.verify_recommender,
                    lambda: train_step(run_dir, dataset, model, protocol, train_config))  # fmt: skip
-    return run_steps([train, *steps_after_recommender(run_dir, sae_config)], force, log)
+    return run_steps([train, *steps_after_recommender(run_dir, sae_config, ray_config)], force, log)
 
 
 def pipeline_on_run(
-    run_dir: Path, sae_config: SAETrainConfig, force: bool = False, log: Callable[[str], None] = print
-) -> dict[str, Any]:
+    run_dir: Path, sae_config: SAETrainConfig, force: bool = False, log: Callable[[str], None] = print,
+    ray_config: RayConfig | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Every step after the recommender on an existing run, trained here or imported (`force` redoes them all,
     never the recommender itself)."""
     RunLayout(run_dir).remove_stale_temps()
@@ -164,4 +177,4 @@ def pipeline_on_run(
     except IncompleteError:
         hint = "'recsae import' one, or train one with 'recsae pipeline --dataset D --model M --out RUN_DIR'"
         raise ArtifactError(f"{RunLayout(run_dir).recommender}: no complete recommender here; {hint}") from None
-    return run_steps(steps_after_recommender(run_dir, sae_config), force, log)
+    return run_steps(steps_after_recommender(run_dir, sae_config, ray_config), force, log)

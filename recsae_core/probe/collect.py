@@ -70,60 +70,66 @@ class ShardWriter:
         return self.shards
 
 
-def _sequence_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(h, user, position) for every position of every training sequence, each computed exactly as the service
-    computes it for that prefix (its last max_len items, as the model's `represent` takes a history): an output read
-    from inside a longer training window would sit at another absolute position and differ from what is served.
-    Through `represent`, any sequential recommender is probed alike, in-house or imported."""
-    train, max_len, pad = ctx.split.train, ctx.model.config.max_len, ctx.model.config.n_items
-    users = np.repeat(np.arange(ctx.split.n_users), train.lengths)
-    positions = np.concatenate([np.arange(n) for n in train.lengths]) if len(users) else np.zeros(0, np.int64)
-    for start in range(0, len(users), batch_size):
-        chunk_users, chunk_positions = users[start : start + batch_size], positions[start : start + batch_size]
-        prefixes = [
-            train.row(u)[max(0, t + 1 - max_len) : t + 1] for u, t in zip(chunk_users, chunk_positions, strict=True)
-        ]
-        batch = Batch(torch.from_numpy(chunk_users), torch.from_numpy(pad_histories(prefixes, max_len, pad)))
-        with torch.no_grad():
-            h = ctx.model.represent(batch).numpy()
-        yield h, chunk_users, chunk_positions
+def sample_index(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
+    """(user, position) of every sample, in probe order: for a sequential model every position of every training
+    sequence, otherwise one sample per user (its position: the last training item)."""
+    train = ctx.split.train
+    if not ctx.model.sequential:
+        return np.arange(ctx.split.n_users, dtype=np.int64), (train.lengths - 1).astype(np.int64)
+    users = np.repeat(np.arange(ctx.split.n_users, dtype=np.int64), train.lengths)
+    positions = np.concatenate([np.arange(n) for n in train.lengths]) if len(users) else np.zeros(0)
+    return users, positions.astype(np.int64)
 
 
-def _user_samples(ctx: RunContext, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    seen = ctx.split.train
-    for start in range(0, ctx.split.n_users, batch_size):
-        users = np.arange(start, min(start + batch_size, ctx.split.n_users))
-        with torch.no_grad():
-            h = ctx.model.represent(make_batch(ctx.model, users, seen, "cpu")).numpy()
-        yield h, users, seen.lengths[users] - 1
+@torch.no_grad()
+def probe_batch(ctx: RunContext, users: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """h (float32) of a batch of samples. A sequential sample is its prefix as the service computes it (its last
+    max_len items, as the model's `represent` takes a history): an output read from inside a longer training window
+    would sit at another absolute position and differ from what is served. Through `represent`, any recommender is
+    probed alike, in-house or imported."""
+    train = ctx.split.train
+    if not ctx.model.sequential:
+        return ctx.model.represent(make_batch(ctx.model, users, train, "cpu")).numpy().astype(np.float32)
+    max_len, pad = ctx.model.config.max_len, ctx.model.config.n_items
+    prefixes = [train.row(u)[max(0, t + 1 - max_len) : t + 1] for u, t in zip(users, positions, strict=True)]
+    batch = Batch(torch.from_numpy(users), torch.from_numpy(pad_histories(prefixes, max_len, pad)))
+    return ctx.model.represent(batch).numpy().astype(np.float32)
+
+
+def batch_bounds(n_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each probe batch: the same cut whether one process or Ray workers compute them, so that each
+    h comes out of the same batch either way."""
+    return [(start, min(start + batch_size, n_samples)) for start in range(0, n_samples, batch_size)]
+
+
+def write_probe(
+    ctx: RunContext, batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]], rows_per_shard: int,
+    progress: bool, total: int,
+) -> ProbeResult:  # fmt: skip
+    """Stream (h, user, position) batches, in probe order, into RUN_DIR/probe (atomically)."""
+    layout = RunLayout(ctx.root)
+    target, made_from = layout.probe, layout.made_from(layout.recommender)
+    with atomic_folder(target) as folder:
+        writer = ShardWriter(folder, rows_per_shard)
+        for h, users, positions in tqdm(batches, desc="probe", total=total, disable=not progress, unit="batch"):
+            writer.add(h=h, user=users.astype(np.int64), position=positions.astype(np.int64))
+        shards = writer.close()
+        d = int(ctx.model.config.dim)
+        meta = {"n_samples": writer.total, "d": d, "shards": shards, "source": ctx.model.name,
+                "sample": "position" if ctx.model.sequential else "user", MADE_FROM: made_from}
+        write_json(folder / PROBE_META, meta)  # fmt: skip
+    return ProbeResult(folder=target, n_samples=writer.total, d=d, shards=shards)
 
 
 def collect(
     ctx: RunContext, rows_per_shard: int = 131072, batch_size: int = 2048, progress: bool = True
 ) -> ProbeResult:
-    """Probe a trained run into RUN_DIR/probe (atomically)."""
+    """Probe a trained run into RUN_DIR/probe (atomically), in this process (recsae_core.probe.on_ray: on Ray)."""
     ctx.model.cpu().eval()
-    samples = _sequence_samples(ctx, batch_size) if ctx.model.sequential else _user_samples(ctx, batch_size)
-    layout = RunLayout(ctx.root)
-    target, made_from = layout.probe, layout.made_from(layout.recommender)
-    with atomic_folder(target) as folder:
-        writer = ShardWriter(folder, rows_per_shard)
-        for h, users, positions in tqdm(samples, desc="probe", disable=not progress, unit="batch"):
-            writer.add(h=h.astype(np.float32), user=users.astype(np.int64), position=positions.astype(np.int64))
-        shards = writer.close()
-        d = int(ctx.model.config.dim)
-        write_json(
-            folder / PROBE_META,
-            {
-                "n_samples": writer.total,
-                "d": d,
-                "shards": shards,
-                "source": ctx.model.name,
-                "sample": "position" if ctx.model.sequential else "user",
-                MADE_FROM: made_from,
-            },
-        )
-    return ProbeResult(folder=target, n_samples=writer.total, d=d, shards=shards)
+    users, positions = sample_index(ctx)
+    bounds = batch_bounds(len(users), batch_size)
+    batches = ((probe_batch(ctx, users[a:b], positions[a:b]), users[a:b], positions[a:b]) for a, b in bounds)
+    return write_probe(ctx, batches, rows_per_shard, progress, len(bounds))
 
 
 def collect_onnx(
