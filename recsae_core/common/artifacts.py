@@ -203,17 +203,23 @@ def read_record(folder: Path) -> dict[str, str]:
     return files
 
 
+def check_digests(folder: Path, files: dict[str, str], listing: str) -> None:
+    """Raise ArtifactError naming the first of `files` (relative path -> sha256) that is missing from `folder` or
+    whose bytes differ; `listing` names what lists them (a completion record, a bundle's manifest)."""
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in {listing} but missing")
+        if sha256_file(path) != digest:
+            raise ArtifactError(f"{path}: sha256 does not match {listing} (corrupt or modified)")
+
+
 def check_record(folder: Path, required: tuple[str, ...] = (), exhaustive: bool = True) -> dict[str, str]:
     """Check a folder against its completion record and return what it lists. Raises ArtifactError naming the first
     file that is missing, differs from its recorded sha256 or (with `exhaustive`) is not recorded at all, and
     IncompleteError when the record is absent or lacks one of `required`."""
     files = read_record(folder)
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in {folder / RECORD} but missing")
-        if sha256_file(path) != digest:
-            raise ArtifactError(f"{path}: sha256 does not match {folder / RECORD} (corrupt or modified)")
+    check_digests(folder, files, str(folder / RECORD))
     if missing := [name for name in required if name not in files]:
         raise IncompleteError(f"{folder / RECORD}: does not list {missing[0]}")
     if exhaustive and (extra := [name for name in folder_files(folder) if name not in files]):

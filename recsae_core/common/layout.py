@@ -33,6 +33,7 @@ from typing import Any
 
 from recsae_core.common.artifacts import (
     RECORD,
+    check_digests,
     check_record,
     folder_files,
     read_json,
@@ -329,10 +330,5 @@ def bundle_files_intact(folder: Path) -> dict[str, Any]:
         raise ArtifactError(f"{folder / MANIFEST}: missing field 'files'")
     if extra := [name for name in folder_files(folder) if name != MANIFEST and name not in files]:
         raise ArtifactError(f"{folder / extra[0]}: not listed in {folder / MANIFEST} (added after it was written)")
-    for name, digest in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ArtifactError(f"{path}: listed in the manifest but missing (partial bundle?)")
-        if sha256_file(path) != digest:
-            raise ArtifactError(f"{path}: sha256 does not match the manifest (corrupt or modified)")
+    check_digests(folder, files, "the manifest")
     return manifest
