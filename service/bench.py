@@ -10,23 +10,73 @@ import asyncio
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service.bench_load import LoadRun, load, summarize
-from service.bench_modes import MODES, bodies, check_steered, plan_steering
+from service.bench_modes import MODES, SteerPlan, bodies, check_steered, plan_steering
 from service.bench_replica import engine_bench, replica_bench
 from service.engine import limit_threads
 from service.floor import FloorServer
-from service.local import free_port, start_local
+from service.local import LocalService, free_port, start_local
 from service.schemas import ServiceConfig
 from service.served import Served
 
 FLOOR = "floor"
 """The floor's mode name: monitor-mode requests (SAE on, no steering) answered by service.floor."""
 HTTP_MODES = (FLOOR, *MODES)
+
+
+@dataclass
+class ModeLoad:
+    """Load runs in each mode against a started local service (and the floor, when given its URL): the deployment's
+    SAE is switched only when a mode needs it, and every steer-mode run must have been steered."""
+
+    service: LocalService
+    """The running service."""
+    served: Served
+    """Its bundle, loaded here (the request bodies and the steering check come from it)."""
+    plan: SteerPlan
+    """What steer mode sends."""
+    duration: float
+    """Measured seconds per run."""
+    warmup: float
+    """Unmeasured seconds before each run."""
+    floor_url: str | None = None
+    """The floor's URL (service.floor), for mode FLOOR."""
+    state: dict[str, bool] = field(default_factory=lambda: {"sae": True, "batching": True})
+    """The deployment's settings as last applied."""
+
+    def configure(self, **changes: bool) -> None:
+        """Apply deployment settings that differ from the current ones."""
+        if any(self.state[key] != value for key, value in changes.items()):
+            self.state.update(changes)
+            self.service.update(**changes)
+
+    def run(self, mode: str, concurrency: int, where: str = "") -> LoadRun:
+        """One closed-loop run of `mode` at `concurrency`."""
+        if mode != FLOOR:
+            self.configure(sae=mode != "bare")
+        url = self.floor_url if mode == FLOOR else self.service.url
+        assert url is not None, "the floor was not started"
+        out = asyncio.run(load(url, bodies(self.served, mode, self.plan), concurrency, self.duration, self.warmup))
+        if mode == "steer":
+            # Stop at once: the remaining minutes of load would measure an unsteered service as "steer".
+            check_steered(out.checked, out.steered, out.unsteered_note, where, self.plan)
+        return out
+
+    def rounds(self, modes: tuple[str, ...], concurrency: int, rounds: int) -> dict[str, list[LoadRun]]:
+        """`rounds` interleaved rounds of every mode (the order rotates each round, so that drift in the machine's
+        load affects all modes alike instead of whichever ran last)."""
+        runs: dict[str, list[LoadRun]] = {mode: [] for mode in modes}
+        for r in range(rounds):
+            shift = r % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                runs[mode].append(self.run(mode, concurrency, f"steer mode, concurrency {concurrency}, round {r + 1}"))
+        return runs
 
 
 def bench_serve(
@@ -49,7 +99,7 @@ def bench_serve(
     The floor and the Ray service both run throughout, each idle while the other is measured."""
     limit_threads(1)  # as in a one-CPU replica
     config = ServiceConfig.model_validate({"bundle": str(bundle), **(user_config or {})})
-    served = _load_quietly(bundle, config)
+    served = load_quietly(bundle, config)
     plan = plan_steering(served, config, policy, edits)
     result: dict[str, Any] = {
         "bundle": str(bundle),
@@ -75,31 +125,11 @@ def bench_serve(
         raise
     # As Ray's processes got them (start_local adds its local defaults, service.local.haproxy_local_env).
     result["ray_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")}
-    state = {"sae": True, "batching": True}
-
-    def configure(**changes: bool) -> None:
-        if any(state[key] != value for key, value in changes.items()):
-            state.update(changes)
-            service.update(**changes)
-
-    def run(mode: str, concurrency: int, where: str = "") -> LoadRun:
-        if mode != FLOOR:
-            configure(sae=mode != "bare")
-        url = floor.url if mode == FLOOR else service.url
-        out = asyncio.run(load(url, bodies(served, mode, plan), concurrency, duration, warmup))
-        if mode == "steer":
-            # Stop at once: the remaining minutes of load would measure an unsteered service as "steer".
-            check_steered(out.checked, out.steered, out.unsteered_note, where, plan)
-        return out
-
+    modes = ModeLoad(service, served, plan, duration, warmup, floor.url)
+    configure, run = modes.configure, modes.run
     try:
         for concurrency in concurrencies:
-            runs: dict[str, list[LoadRun]] = {mode: [] for mode in HTTP_MODES}
-            for r in range(rounds):
-                shift = r % len(HTTP_MODES)
-                for mode in HTTP_MODES[shift:] + HTTP_MODES[:shift]:
-                    where = f"steer mode, concurrency {concurrency}, round {r + 1}"
-                    runs[mode].append(run(mode, concurrency, where))
+            runs = modes.rounds(HTTP_MODES, concurrency, rounds)
             row: dict[str, Any] = {mode: summarize(runs[mode]) for mode in HTTP_MODES}
             row["ratios"] = ratios(row)
             # The same ratios within each round: their spread shows how much of a pooled ratio is machine noise.
@@ -131,7 +161,7 @@ def bench_serve(
     return result
 
 
-def _load_quietly(bundle: Path, config: ServiceConfig) -> Served:
+def load_quietly(bundle: Path, config: ServiceConfig) -> Served:
     """The bundle as the deployment loads it: with its edit bounds, so that a policy is usable here exactly when the
     replica finds it usable. The catalog's warnings about other, unusable policies are held back: the bench uses one
     policy, and an unusable one is refused with its reason, on one line."""

@@ -1,4 +1,4 @@
-"""The `recsae` console entry point: every recsae_core command, plus `serve` and `bench serve`."""
+"""The `recsae` console entry point: every recsae_core command, plus `serve` and the `bench` commands."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from recsae_core.common.errors import ConfigError
 from recsae_core.pipeline.cli import build_parser as core_parser
 from recsae_core.pipeline.cli import command, positive_float, positive_int
 from recsae_core.pipeline.cli import main as core_main
+from service.bench_scale_config import add_scale_options
 from service.reliability_config import RELIABILITY_OPTIONS, SCENARIOS
 from service.soak_config import SOAK_OPTIONS
 
@@ -101,6 +102,11 @@ def add_service_commands(sub: Any) -> None:
     bprofile.add_argument("--warmup", type=positive_float, default=1.0, help="unmeasured seconds before each run")
     bprofile.add_argument("--concurrency", type=concurrency_list, default=[1, 16], help="e.g. 1,16")
     bprofile.add_argument("--py-spy", action="store_true", help="also sample the proxy and the replica with py-spy")
+    bscale = bench_sub.add_parser(
+        "scale", help="a synthetic two-tower model at scale: probe, SAE and catalog on 1 vs 2 Ray workers, and the "
+        "service against catalogue size",
+    )  # fmt: skip
+    add_scale_options(bscale)
 
 
 def _check_bundle(folder: Path) -> None:
@@ -143,6 +149,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench_reliability(args)
     if args.bench_command == "profile":
         return _bench_profile(args)
+    if args.bench_command == "scale":
+        from service.bench_scale import run_command as run_scale
+
+        return run_scale(args)
     if args.bench_command != "serve":
         raise ConfigError(f"unknown bench {args.bench_command!r}")
     from service.bench import bench_serve, write_report

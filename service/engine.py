@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from recsae_core.bundle.format import Bundle
-from recsae_core.debias.policy_kinds import FittedPolicy, apply_policy, unsteered_lists
+from recsae_core.debias.policy_kinds import FittedPolicy, apply_policy
 from recsae_core.probe.collect import open_onnx
 from recsae_core.recommenders.ranking import ItemScorer, Masked, count_above, top_k
 from recsae_core.recommenders.recipe import pack_histories
@@ -230,12 +230,11 @@ class Engine:
         for indices in groups.values():
             policy = rows[indices[0]].transform
             lists = histories = None
-            if policy.list_k is not None:
+            if policy.list_k is not None:  # blocked, as the served lists: no (rows, n_items) matrix at 1M items
                 histories = [self._known(rows[i]) for i in indices]
-                scores = self.scores(h[indices])
-                for j, known in enumerate(histories):
-                    scores[j, known] = -np.inf
-                lists = unsteered_lists(scores, policy.list_k)
+                known = Masked(np.repeat(np.arange(len(indices)), [len(seen) for seen in histories]),
+                               np.concatenate(histories).astype(np.int64))  # fmt: skip
+                lists = top_k(self.ranker, h[indices], policy.list_k, known).items
             strength = np.asarray([rows[i].strength for i in indices])
             applied = apply_policy(policy, out[indices], strength, sae=self.sae, lists=lists, histories=histories,
                                    popularity=self.popularity)  # fmt: skip

@@ -14,6 +14,8 @@ from recsae_core.data.splits import Split, make_split
 from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.run import train_step
 
+pytest_plugins = ("_ray_cluster",)  # the `cluster` fixture of the tests of offline steps on Ray
+
 INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 
 

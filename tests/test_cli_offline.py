@@ -10,8 +10,10 @@ import pytest
 from _cli import cli_refusal
 
 from recsae_core.common.cli_config import ConfigOptions, field_docs, help_text
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.pipeline.cli import (
     PIPELINE_SAE_OPTIONS,
+    RAY_OPTIONS,
     SAE_OPTIONS,
     SWEEP_SAE_OPTIONS,
     TRAIN_OPTIONS,
@@ -138,6 +140,25 @@ def test_no_options_give_the_config_defaults(argv, options):
     fixed = {} if "device" in options.flags else {"device": "cpu", "progress": True}
     assert options.build(args, **fixed) == options.cls(**fixed)
     assert options.build(args, **fixed) in (SAETrainConfig(), TrainConfig())
+
+
+RAY_COMMANDS = [["train-sae", "--run", "run"], ["sae-sweep", "--run", "run", "--out", "s.json"],
+                ["interpret", "--run", "run"], PIPELINE]  # fmt: skip
+"""The offline commands with a step that runs on a Ray cluster when one is named."""
+
+
+@pytest.mark.parametrize("argv", RAY_COMMANDS, ids=lambda argv: argv[0])
+def test_offline_commands_with_a_distributed_step_take_the_ray_options(argv, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    actions = {a.dest: a for a in subparser(argv)._actions}
+    for field_name, flag in RAY_OPTIONS.flags.items():
+        assert actions[RAY_OPTIONS.dest(flag)].help == help_text(field_docs(RayConfig)[field_name],
+                                                                   getattr(RayConfig(), field_name))  # fmt: skip
+    assert RAY_OPTIONS.build(build_parser().parse_args(argv)) == RayConfig()
+    args = build_parser().parse_args([*argv, "--ray-address", "auto", "--ray-workers", "2"])
+    assert RAY_OPTIONS.build(args) == RayConfig(address="auto", workers=2)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # Ray's own variable, as `ray job submit` sets it
+    assert RAY_OPTIONS.build(build_parser().parse_args(argv)).address == "10.0.0.5:6379"
 
 
 def test_every_sae_flag_reaches_the_config():

@@ -166,3 +166,15 @@ def test_small_blocks_and_edge_cases() -> None:
     with pytest.raises(ValueError, match="block_items must be at least 1"):
         ItemScorer(emb_t, None, 0)
     np.testing.assert_array_equal(Masked(np.array([0, 2, 2, 1]), np.array([5, 6, 7, 8])).take([2, 0]).rows, [1, 0, 0])
+
+
+def test_best_of_scores_is_the_set_top_k_picks_ties_included():
+    """The calibrated policy's unsteered lists: offline from a score matrix, served from blocks, the same sets."""
+    from recsae_core.recommenders.ranking import best_of_scores
+
+    scores = np.array([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    assert [sorted(row) for row in best_of_scores(scores, 2).tolist()] == [[1, 2], [0, 1]]
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(16, 300)).astype(np.float32)  # ties everywhere, at every cut
+    full = np.argsort(-scores, axis=1, kind="stable")[:, :7]
+    assert np.array_equal(np.sort(best_of_scores(scores, 7), axis=1), np.sort(full, axis=1))

@@ -265,7 +265,7 @@ def test_early_stopping_keeps_the_best_selected_epoch():
 
 
 def test_selection_tolerance_prefers_the_better_reconstruction_among_tied_scores():
-    from recsae_core.sae.train import _keep
+    from recsae_core.sae.selection import _keep
 
     tol = SAETrainConfig(select_tolerance=0.01, min_fvu_gain=0.005)
     strict = SAETrainConfig(select_tolerance=0.0)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,6 +24,7 @@ import scipy.sparse as sp
 from recsae_core.common.artifacts import add_recorded, forget_recorded, sha256_file, write_json
 from recsae_core.common.errors import ArtifactError, ConfigError, IncompleteError
 from recsae_core.common.layout import CATALOG, LLM_CACHE, REPORT, SAE_WEIGHTS, STATS_FILE, RunLayout
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.concepts.labelers import Simulator, TermSpace, make_tfidf_label, tfidf_terms
 from recsae_core.concepts.llm_labeler import llm_label
 from recsae_core.concepts.report import write_report
@@ -136,11 +138,26 @@ class Prepared(NamedTuple):
 
     def rows(self, ids: np.ndarray) -> sp.csr_matrix:
         """Term rows of sample ids (all among `needed`)."""
-        return self.x[np.searchsorted(self.needed, ids)]
+        return term_rows(self.x, self.needed, ids)
 
 
-def prepare(run_dir: Path, o: CatalogOptions) -> Prepared:
-    """Encode every sample, pick samples per latent and coherence units, compute top-1 items and terms."""
+def top_samples(
+    sae: SAERuntime, h: np.ndarray, users: np.ndarray, n: int, probe: Path, ray_config: RayConfig | None,
+    progress: bool, codes: sp.csc_matrix | None = None,
+) -> dict[int, np.ndarray]:  # fmt: skip
+    """Every firing latent -> its top-n samples, one per user (`column_top_units`): a distributed top-k on the Ray
+    cluster of `ray_config` when it names one (the same samples), else from `codes` (encoded here when not given)."""
+    if ray_config is not None and ray_config.on_ray:
+        from recsae_core.concepts.on_ray import top_units_on_ray
+
+        return top_units_on_ray(sae, probe, users, n, ray_config)
+    codes = codes if codes is not None else encode_sparse(sae, h, progress=progress)
+    return {int(j): column_top_units(codes, users, j, n) for j in np.flatnonzero(np.diff(codes.indptr) > 0)}
+
+
+def prepare(run_dir: Path, o: CatalogOptions, ray_config: RayConfig | None = None) -> Prepared:
+    """Encode every sample, pick samples per latent and coherence units (the SAEs' top samples on Ray when
+    `ray_config` names a cluster), compute top-1 items and terms."""
     layout = RunLayout(run_dir)
     try:  # a changed file raises ArtifactError naming it; an unfinished step says which one to run
         layout.verify_sae()  # and the probe and recommender it was made from
@@ -156,13 +173,14 @@ def prepare(run_dir: Path, o: CatalogOptions) -> Prepared:
     chosen, background = select_samples(codes, users, o.samples, live)
     # Coherence units: SAE latents, raw neurons, and the random-init SAE (top samples, one per user).
     hn = h.numpy()
-    random_codes = encode_sparse(SAERuntime.from_model(random_sae(sae.cfg, h, o.samples.seed)), h, progress=o.progress)
+    top = partial(top_samples, h=hn, users=users, n=o.coherence_top, probe=layout.probe, ray_config=ray_config,
+                  progress=o.progress)  # fmt: skip
+    sae_top = top(SAERuntime.from_model(sae), codes=codes)
     units = {
-        "sae": [column_top_units(codes, users, j, o.coherence_top) for j in live],
+        "sae": [sae_top[j] for j in live],
         "neurons": [top_units(hn[:, d], users, o.coherence_top) for d in range(hn.shape[1])],
-        "random_sae": [column_top_units(random_codes, users, j, o.coherence_top)
-                       for j in np.flatnonzero(np.diff(random_codes.indptr) > 0)],
-    }  # fmt: skip
+        "random_sae": list(top(SAERuntime.from_model(random_sae(sae.cfg, h, o.samples.seed))).values()),
+    }
     sets = [a for s in chosen for a in s[1:]]
     needed = np.unique(np.concatenate([background, *sets, *(u for group in units.values() for u in group)]))
     top1 = np.full(len(users), -1, dtype=np.int64)
@@ -180,30 +198,73 @@ def background_mean(p: Prepared) -> np.ndarray:
     return np.asarray(p.rows(p.background).mean(axis=0)).ravel()
 
 
-def tfidf_labels(p: Prepared, o: CatalogOptions) -> tuple[dict[int, Labelled], dict[int, list[dict[str, Any]]]]:
-    """The metadata label of every chosen latent, scored on its held-out samples; and each latent's terms."""
-    bg_mean = background_mean(p)
+class LabelInputs(NamedTuple):
+    """What the metadata labeler reads to label and score a latent (shipped once to the workers on Ray)."""
+
+    x: sp.csr_matrix
+    """Term matrix of the `needed` samples."""
+    needed: np.ndarray
+    """Sorted ids of the samples with a row in `x`."""
+    bg_mean: np.ndarray
+    """Mean term vector of the background samples."""
+    n_background: int
+    """Background samples."""
+    terms: list[str]
+    """Term keys, in the column order of `x`."""
+    kinds: dict[str, Any]
+    """Term kind -> what its terms say (TermSpace.kinds)."""
+
+    def rows(self, ids: np.ndarray) -> sp.csr_matrix:
+        """Term rows of sample ids (all among `needed`)."""
+        return term_rows(self.x, self.needed, ids)
+
+
+def term_rows(x: sp.csr_matrix, needed: np.ndarray, ids: np.ndarray) -> sp.csr_matrix:
+    """Rows of `x` (one per sample of sorted `needed`) for sample ids, all among `needed`."""
+    return x[np.searchsorted(needed, ids)]
+
+
+def label_latents(
+    inputs: LabelInputs, chosen: list[LatentSamples], o: CatalogOptions
+) -> tuple[dict[int, Labelled], dict[int, list[dict[str, Any]]]]:
+    """The metadata label of each latent of `chosen`, scored on its held-out samples; and each latent's terms."""
     labels: dict[int, Labelled] = {}
     terms_of: dict[int, list[dict[str, Any]]] = {}
-    keys = p.space.terms
-    for s in p.chosen:
-        terms, columns = tfidf_terms(p.rows(s.describe), bg_mean, len(p.background), keys, o.max_terms,
-                                     o.min_share)  # fmt: skip
-        label = make_tfidf_label(terms, p.space.kinds)
-        sim = Simulator(columns, [t.lift for t in terms], p.x.shape[1])
-        threshold = sim.calibrate(p.rows(s.describe), p.rows(s.calibrate_neg))
+    rows = inputs.rows
+    for s in chosen:
+        terms, columns = tfidf_terms(rows(s.describe), inputs.bg_mean, inputs.n_background, inputs.terms,
+                                     o.max_terms, o.min_share)  # fmt: skip
+        label = make_tfidf_label(terms, inputs.kinds)
+        sim = Simulator(columns, [t.lift for t in terms], inputs.x.shape[1])
+        threshold = sim.calibrate(rows(s.describe), rows(s.calibrate_neg))
         held = (s.paper_pos, s.paper_neg, s.detect_pos, s.detect_neg)
-        scores = score_latent(*(sim.score(p.rows(a)) for a in held), threshold)
+        scores = score_latent(*(sim.score(rows(a)) for a in held), threshold)
         labels[s.latent] = Labelled(label.name, label.description, scores, threshold, label.longer)
         terms_of[s.latent] = [{"term": t.term, "share": round(t.share, 4), "background": round(t.background, 4),
                                "lift": round(t.lift, 3)} for t in terms]  # fmt: skip
     return labels, terms_of
 
 
+def tfidf_labels(
+    p: Prepared, o: CatalogOptions, ray_config: RayConfig | None = None
+) -> tuple[dict[int, Labelled], dict[int, list[dict[str, Any]]]]:
+    """`label_latents` for every chosen latent: in chunks of latents as Ray tasks when `ray_config` names a cluster
+    (each latent's label depends on its samples alone: the same labels, in the same order)."""
+    inputs = LabelInputs(p.x, p.needed, background_mean(p), len(p.background), p.space.terms, p.space.kinds)
+    if ray_config is None or not ray_config.on_ray:
+        return label_latents(inputs, p.chosen, o)
+    from recsae_core.concepts.on_ray import map_chunks
+
+    parts = map_chunks(label_latents, inputs, p.chosen, ray_config, o)
+    return {j: v for part in parts for j, v in part[0].items()}, {j: v for part in parts for j, v in part[1].items()}
+
+
 def build_catalog(
-    run_dir: Path, labeler: str = "tfidf", llm: LLMOptions | None = None, options: CatalogOptions | None = None
-) -> dict[str, Any]:
-    """Label and score every live latent of the run's SAE; write concepts/catalog.json and concepts/report.html."""
+    run_dir: Path, labeler: str = "tfidf", llm: LLMOptions | None = None, options: CatalogOptions | None = None,
+    ray_config: RayConfig | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Label and score every live latent of the run's SAE; write concepts/catalog.json and concepts/report.html
+    (the same catalog with the latents' top samples found on the Ray cluster of `ray_config` when it names one)."""
     if labeler not in LABELERS:
         raise ConfigError(f"unknown labeler '{labeler}': expected one of {', '.join(LABELERS)}")
     o = options or CatalogOptions()
@@ -216,8 +277,8 @@ def build_catalog(
         client = LLMClient(replace(llm or LLMOptions(), cache_dir=out_dir / LLM_CACHE))
         client.check()
     try:
-        p = prepare(run_dir, o)
-        tfidf, terms_of = tfidf_labels(p, o)
+        p = prepare(run_dir, o, ray_config)
+        tfidf, terms_of = tfidf_labels(p, o, ray_config)
     except BaseException:
         if client is not None:
             client.close()
@@ -227,7 +288,7 @@ def build_catalog(
     if client is not None:
         with client:
             llm_started = time.perf_counter()
-            llm_labels = llm_labels_for(p, o, client)
+            llm_labels = llm_labels_for(p, o, client, ray_config)
             asked = min(o.llm_latents or len(p.chosen), len(p.chosen))
             usage = {"model": client.model, "url": client.options.url, **client.usage.as_dict(),
                      "wall_seconds": round(time.perf_counter() - llm_started, 1),
@@ -287,15 +348,18 @@ def build_catalog(
     return catalog
 
 
-def concepts_step(run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """The pipeline step: the metadata catalog, and its headline numbers."""
-    catalog = build_catalog(run_dir, "tfidf", options=CatalogOptions(progress=progress))
+def concepts_step(run_dir: Path, progress: bool = True, ray_config: RayConfig | None = None) -> dict[str, Any]:
+    """The pipeline step: the metadata catalog (parts on Ray when `ray_config` names a cluster), and its headline
+    numbers."""
+    catalog = build_catalog(run_dir, "tfidf", options=CatalogOptions(progress=progress), ray_config=ray_config)
     keys = ("live_latents", "mean_confidence", "share_confidence_ge_0.8", "mean_auc", "seconds")
     return {"version": catalog["version"], **{k: catalog["summary"][k] for k in keys}}
 
 
-def llm_labels_for(p: Prepared, o: CatalogOptions, client: LLMClient) -> dict[int, Labelled]:
-    """The language-model labels of `o.llm_latents` latents (a seeded random subset; all when 0)."""
+def llm_labels_for(
+    p: Prepared, o: CatalogOptions, client: LLMClient, ray_config: RayConfig | None = None
+) -> dict[int, Labelled]:
+    """The language-model labels of `o.llm_latents` latents (a seeded random subset; all when 0), on Ray if asked."""
     subset = p.chosen
     if o.llm_latents and o.llm_latents < len(p.chosen):
         pick = np.random.default_rng(o.samples.seed).choice(len(p.chosen), o.llm_latents, replace=False)
@@ -310,7 +374,7 @@ def llm_labels_for(p: Prepared, o: CatalogOptions, client: LLMClient) -> dict[in
         hist = prefix_index(p.ctx.split.train, p.users[[sample]], p.positions[[sample]], o.llm_recent).values
         return render_sample(p.ctx.dataset, hist, int(p.top1[sample]), level, o.llm_recent)
 
-    return llm_label(client, subset, render, levels, o.llm_shown, o.progress)
+    return llm_label(client, subset, render, levels, o.llm_shown, o.progress, ray_config)
 
 
 def _skew(space: TermSpace, x: sp.csr_matrix, bg_mean: np.ndarray, top1: np.ndarray, bg_top1: np.ndarray) -> dict:

@@ -4,7 +4,8 @@
 - Calls run on a thread pool of `concurrency` workers, are retried with exponential back-off on transport errors,
   timeouts, 429 and 5xx, and fail at once, with the server's message, on other 4xx answers.
 - Every answer is cached on disk under sha256(model + request): a rerun costs nothing and a half-finished run
-  resumes where it stopped.
+  resumes where it stopped. Entries are written atomically, so clients in several processes or machines (Ray
+  workers) can share one cache folder, each answering from the others' entries.
 - `cache_only` answers from the cache alone and never contacts the endpoint (to look at a long run before it ends):
   a missing answer raises `LLMCacheMiss`.
 - `yes_probability` asks for the first token's top log-probabilities and returns P(Yes) / (P(Yes) + P(No)):
@@ -18,12 +19,11 @@ import json
 import math
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlparse
@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 import httpx
 from tqdm.auto import tqdm
 
+from recsae_core.common.artifacts import write_json
 from recsae_core.common.errors import RecsaeError
 
 ENV_URL, ENV_MODEL, ENV_KEY = "RECSAE_LLM_URL", "RECSAE_LLM_MODEL", "RECSAE_LLM_API_KEY"
@@ -144,11 +145,26 @@ class Usage:
             "server_seconds": round(self.server_seconds, 2), "answer_seconds": round(self.answer_seconds, 2)
         }  # fmt: skip
 
+    def add(self, other: Usage) -> None:
+        """Count another client's usage in this one's (a Ray worker's, on the driver)."""
+        with self.lock:
+            for name in USAGE_COUNTS:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def __getstate__(self) -> dict[str, Any]:  # a lock does not pickle, and Ray workers send their usage back
+        return {name: getattr(self, name) for name in USAGE_COUNTS}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, lock=threading.Lock())
+
     def timed(self, seconds: float | None) -> None:
         if isinstance(seconds, int | float) and seconds >= 0:
             with self.lock:
                 self.answer_seconds += float(seconds)
                 self.answers_timed += 1
+
+
+USAGE_COUNTS = tuple(f.name for f in fields(Usage) if f.name != "lock")
 
 
 class LLMClient:
@@ -243,11 +259,9 @@ class LLMClient:
         seconds = round(time.perf_counter() - started, 3)
         self.usage.timed(seconds)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"request": body, "response": answer, "seconds": seconds}, handle)
-            os.replace(tmp, cache)
+            # Whole or not at all, safe beside writers of the same key on other workers sharing the folder: each
+            # writes a temporary file of its own and renames it into place.
+            write_json(cache, {"request": body, "response": answer, "seconds": seconds})
         return answer, False
 
     def _post_with_retries(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,19 @@
 """Language-model labeler: RecSAE's explain prompt (few-shot) names a latent from its describing samples, and a
 yes/no detection prompt scores the explanation on held-out samples by the probability the model gives to "Yes".
-Requests go through `recsae_core.concepts.llm_client` (any OpenAI-compatible endpoint; cached, retried, resumable)."""
+Requests go through `recsae_core.concepts.llm_client` (any OpenAI-compatible endpoint; cached, retried, resumable).
+
+On a Ray cluster, chunks of latents are labelled by Ray tasks (`llm_label_on_ray`), each with a client of its own to
+the same endpoint and the same cache folder (on storage every node mounts): a latent's label reads its own samples
+and prompts alone, so the labels are the one-process ones; the samples are rendered on the driver and shipped as text,
+so the workers need neither the run nor its data."""
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -14,7 +22,8 @@ from recsae_core.concepts.samples import LatentSamples
 from recsae_core.concepts.scoring import Labelled, best_threshold, score_latent
 
 if TYPE_CHECKING:  # httpx is only needed with the language-model labeler
-    from recsae_core.concepts.llm_client import LLMClient
+    from recsae_core.common.ray_cluster import RayConfig
+    from recsae_core.concepts.llm_client import LLMClient, LLMOptions, Usage
 
 T = TypeVar("T")
 
@@ -88,30 +97,44 @@ def parse_explanation(text: str) -> tuple[str, str]:
     return name, explanation[:300]
 
 
+def shown_samples(s: LatentSamples, shown: int) -> np.ndarray:
+    """The describing samples shown to the model to explain latent `s` (its top ones)."""
+    return s.describe[:shown]
+
+
+def detect_groups(s: LatentSamples, shown: int) -> tuple[np.ndarray, ...]:
+    """The samples whose P(Yes) is asked for latent `s`, one group per kind of `KINDS`: the threshold is calibrated
+    on the next `shown` describing samples (never shown) against as many background inactive samples."""
+    return s.describe[shown : 2 * shown], s.calibrate_neg[:shown], s.paper_pos, s.paper_neg, s.detect_pos, s.detect_neg
+
+
+KINDS = ("calib_pos", "calib_neg", "paper_pos", "paper_neg", "detect_pos", "detect_neg")
+
+
 def llm_label(
     client: LLMClient, latents: list[LatentSamples], render: Callable[[int, int | None], str],
-    levels: dict[tuple[int, int], int], shown: int = 5, progress: bool = True,
+    levels: dict[tuple[int, int], int], shown: int = 5, progress: bool = True, ray_config: RayConfig | None = None,
 ) -> dict[int, Labelled]:  # fmt: skip
     """Explain each latent from its top `shown` describing samples (with levels, few-shot), then score the
     explanation by P(Yes) on held-out samples. The paper-protocol threshold is calibrated on the next `shown`
     describing samples (never shown) against as many background inactive samples; nothing held out is used.
     `render(sample, level or None)` shows a sample; `levels[(latent, sample)]` gives shown samples' levels.
-    A cache-only client labels just the latents whose every answer is cached."""
+    A cache-only client labels just the latents whose every answer is cached. When `ray_config` names a cluster,
+    chunks of latents are labelled by Ray tasks (`llm_label_on_ray`): the same labels."""
+    if ray_config is not None and ray_config.on_ray:
+        return llm_label_on_ray(client, latents, render, levels, shown, ray_config).labels
 
     def explain(s: LatentSamples) -> tuple[str, str] | None:
-        texts = [render(int(i), levels.get((s.latent, int(i)))) for i in s.describe[:shown]]
+        texts = [render(int(i), levels.get((s.latent, int(i)))) for i in shown_samples(s, shown)]
         answer = _or_missing(lambda: client.chat(explain_messages(texts), max_tokens=80))
         return None if answer is None else parse_explanation(answer.text)
 
     explained = {i: answer for i, answer in enumerate(client.map(explain, latents, "explain", progress)) if answer}
-    kinds = ("calib_pos", "calib_neg", "paper_pos", "paper_neg", "detect_pos", "detect_neg")
     jobs: list[tuple[int, str, int]] = []
     for index, s in enumerate(latents):
-        if index not in explained:
-            continue
-        groups = (s.describe[shown : 2 * shown], s.calibrate_neg[:shown], s.paper_pos, s.paper_neg, s.detect_pos,
-                  s.detect_neg)  # fmt: skip
-        jobs += [(index, kind, int(i)) for kind, ids in zip(kinds, groups, strict=True) for i in ids]
+        if index in explained:
+            groups = zip(KINDS, detect_groups(s, shown), strict=True)
+            jobs += [(index, kind, int(i)) for kind, ids in groups for i in ids]
 
     def detect(job: tuple[int, str, int]) -> float | None:
         messages = detect_messages(explained[job[0]][1], render(job[2], None))
@@ -130,12 +153,98 @@ def llm_label(
     for index, s in enumerate(latents):
         if index in incomplete:
             continue
-        g = {k: np.asarray(by.get((index, k), []), dtype=float) for k in kinds}
+        g = {k: np.asarray(by.get((index, k), []), dtype=float) for k in KINDS}
         threshold = best_threshold(g["calib_pos"], g["calib_neg"]) if len(g["calib_pos"]) else 0.5
         scores = score_latent(g["paper_pos"], g["paper_neg"], g["detect_pos"], g["detect_neg"], threshold)
         name, explanation = explained[index]
         out[s.latent] = Labelled(name or "unnamed", explanation or "No explanation given.", scores, threshold)
     return out
+
+
+class Rendered(NamedTuple):
+    """A `render` function as a table of its answers: what Ray workers get instead of the run it renders from."""
+
+    texts: dict[tuple[int, int | None], str]
+    """(sample, level or None) -> the sample as shown."""
+
+    def __call__(self, sample: int, level: int | None) -> str:
+        return self.texts[(sample, level)]
+
+
+def prerender(
+    latents: list[LatentSamples], render: Callable[[int, int | None], str], levels: dict[tuple[int, int], int],
+    shown: int,
+) -> Rendered:  # fmt: skip
+    """Every text `llm_label` asks `render` for when labelling `latents`."""
+    keys: dict[tuple[int, int | None], None] = {}
+    for s in latents:
+        keys.update({(int(i), levels.get((s.latent, int(i)))): None for i in shown_samples(s, shown)})
+        keys.update({(int(i), None): None for group in detect_groups(s, shown) for i in group})
+    return Rendered({key: render(*key) for key in keys})
+
+
+class ChunkJob(NamedTuple):
+    """What every Ray task labelling a chunk of latents shares (shipped once)."""
+
+    options: LLMOptions
+    """The driver's resolved options, with its checked model and an absolute cache folder."""
+    render: Rendered
+    """The samples as shown."""
+    levels: dict[tuple[int, int], int]
+    """(latent, sample) -> level of the shown samples."""
+    shown: int
+    """Samples shown per latent."""
+
+
+class ChunkLabels(NamedTuple):
+    """One Ray task's labels, what its client used, and which process asked."""
+
+    labels: dict[int, Labelled]
+    """Latent -> label, for the latents of the chunk that were labelled."""
+    usage: Usage
+    """Calls, cache hits, tokens and seconds of the task's client."""
+    worker: str
+    """host:pid of the Ray worker."""
+
+
+class OnRayLabels(NamedTuple):
+    """`llm_label_on_ray`'s result."""
+
+    labels: dict[int, Labelled]
+    """Latent -> label, in the order of the latents given (as `llm_label` returns them)."""
+    workers: tuple[str, ...]
+    """host:pid of the Ray workers that sent requests, in order of first chunk."""
+
+
+def label_chunk(job: ChunkJob, chunk: list[LatentSamples]) -> ChunkLabels:
+    """A Ray task: `llm_label` over a chunk of latents with a client of its own (the driver checked the endpoint)."""
+    from recsae_core.concepts.llm_client import LLMClient
+
+    with LLMClient(job.options) as client:
+        labels = llm_label(client, chunk, job.render, job.levels, job.shown, progress=False)
+    return ChunkLabels(labels, client.usage, f"{socket.gethostname()}:{os.getpid()}")
+
+
+def llm_label_on_ray(
+    client: LLMClient, latents: list[LatentSamples], render: Callable[[int, int | None], str],
+    levels: dict[tuple[int, int], int], shown: int, ray_config: RayConfig,
+) -> OnRayLabels:  # fmt: skip
+    """`llm_label(client, ...)` with chunks of latents labelled by Ray tasks on the cluster of `ray_config`, each
+    with a client of its own on `client`'s options (`client.check()` must have run: workers do not check) and
+    concurrency; the tasks' usage is added to `client.usage`."""
+    from recsae_core.concepts.on_ray import map_chunks
+
+    if not latents:
+        return OnRayLabels({}, ())
+    folder = client.options.cache_dir
+    # Workers do not start in the driver's folder: a relative cache folder would be another one on each of them.
+    options = replace(client.options, model=client.model, cache_dir=None if folder is None else folder.resolve())
+    job = ChunkJob(options, prerender(latents, render, levels, shown), levels, shown)
+    parts = map_chunks(label_chunk, job, latents, ray_config)
+    for part in parts:
+        client.usage.add(part.usage)
+    labels = {latent: label for part in parts for latent, label in part.labels.items()}
+    return OnRayLabels(labels, tuple(dict.fromkeys(part.worker for part in parts)))
 
 
 def _or_missing(ask: Callable[[], T]) -> T | None:

@@ -272,7 +272,22 @@ def top_units(values: np.ndarray, users: np.ndarray, n: int) -> np.ndarray:
 def column_top_units(codes: sp.csc_matrix, users: np.ndarray, latent: int, n: int) -> np.ndarray:
     """`top_units` for one latent of a sparse code matrix."""
     start, end = codes.indptr[latent], codes.indptr[latent + 1]
-    rows, vals = codes.indices[start:end], codes.data[start:end]
-    order = np.argsort(-vals, kind="stable")
-    ranked = rows[order]
-    return ranked[_one_per_user(ranked, users)][:n].astype(np.int64)
+    rows, vals = codes.indices[start:end].astype(np.int64), codes.data[start:end]
+    return rows[ranked_top_units(np.full(len(rows), latent), rows, vals, users, n)]
+
+
+def ranked_top_units(
+    latents: np.ndarray, samples: np.ndarray, values: np.ndarray, users: np.ndarray, n: int
+) -> np.ndarray:
+    """Positions, into the given (latent, sample, value) triples, of each latent's top-n samples by value (ties: the
+    lower sample id first), at most one per user, ordered by latent then rank. Any subset of the triples holding
+    each latent's top ones gives the same answer, which is what lets workers pick candidates from their own rows."""
+    order = np.lexsort((samples, -values, latents))
+    lat = latents[order]
+    # First sample of each (latent, user), in ranked order.
+    _, first = np.unique(np.stack([lat, users[samples[order]]]), axis=1, return_index=True)
+    kept = order[np.sort(first)]
+    lat = latents[kept]
+    run_start = np.flatnonzero(np.r_[True, lat[1:] != lat[:-1]]) if len(kept) else np.zeros(0, dtype=np.int64)
+    rank = np.arange(len(kept)) - np.repeat(run_start, np.diff(np.r_[run_start, len(kept)]))
+    return kept[rank < n]

@@ -28,6 +28,7 @@ import numpy as np
 
 from recsae_core.common.errors import ConfigError
 from recsae_core.debias import transforms as tf
+from recsae_core.recommenders.ranking import best_of_scores
 from recsae_core.sae.edits import OPS
 from recsae_core.sae.runtime import SAERuntime
 
@@ -178,9 +179,9 @@ def apply_policy(
 
 
 def unsteered_lists(scores: np.ndarray, k: int) -> np.ndarray:
-    """(B, k) each row's k best items of `scores` (its own history already at -inf), in no particular order."""
-    k = min(k, scores.shape[1])
-    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    """(B, k) each row's k best items of `scores` (its own history already at -inf), in no particular order; the
+    same set the service's blocked `top_k` picks without a (B, n_items) matrix."""
+    return best_of_scores(scores, k)
 
 
 def offline_transform(

@@ -47,7 +47,8 @@ CONTROL_OPTIONS = ConfigOptions(ConceptControlConfig, {
 })  # fmt: skip
 """concept-control's options."""
 RAY_OPTIONS = ConfigOptions(RayConfig, {"address": "--ray-address", "workers": "--ray-workers"})
-"""Where the distributed steps run (train-sae and pipeline: the probe)."""
+"""Where the distributed steps run (train-sae, sae-sweep, interpret and pipeline: the probe on Ray Data, the SAE on
+Ray Train, its statistics and the catalog's top samples on Ray Data, the catalog's labels as Ray tasks)."""
 PIPELINE_SAE_OPTIONS = SAE_OPTIONS.without("device", "progress")
 SWEEP_SAE_OPTIONS = SAE_OPTIONS.without("n_latents", "k")
 IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work")
@@ -170,6 +171,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         "metadata label (to look at a long run before it ends)",
     )
     interpret.add_argument("--quiet", action="store_true", help="no progress bars")
+    RAY_OPTIONS.add_to(interpret)
 
     imp = sub.add_parser("import", help="wrap a recommender trained elsewhere (ONNX model, item matrix, input "
                          "recipe) with its interaction log and tables into a run folder")  # fmt: skip
@@ -193,6 +195,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     sweep.add_argument("--widths", default="1024", help="comma-separated latent counts")
     sweep.add_argument("--out", required=True, type=Path, help="JSON file; an .html page is written beside it")
     SWEEP_SAE_OPTIONS.add_to(sweep)
+    RAY_OPTIONS.add_to(sweep)
 
     deb = sub.add_parser("debias", help="find bias latents, sweep a steering policy against baselines, save it")
     deb.add_argument("--run", required=True, type=Path, help="run folder with recommender + SAE")
@@ -285,9 +288,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_train_sae(args: argparse.Namespace) -> int:
     from recsae_core.pipeline.steps import probe_step, sae_step
 
-    config = sae_config(args)
-    probe_step(args.run, config.progress, ray_config(args))
-    metrics = sae_step(args.run, config)
+    config, ray = sae_config(args), ray_config(args)
+    probe_step(args.run, config.progress, ray)
+    metrics = sae_step(args.run, config, ray)
     keys = ("fvu", "dead_fraction", "seconds", "ndcg@10", "passthrough_identical_top10_fraction")
     print(json.dumps({k: metrics[k] for k in keys}))
     return 0
@@ -335,7 +338,7 @@ def cmd_interpret(args: argparse.Namespace) -> int:
     llm = LLMOptions(url=args.llm_url, model=args.llm_model, api_key=args.llm_api_key, concurrency=args.llm_concurrency,
                      cache_only=args.llm_cache_only)  # fmt: skip
     options = CatalogOptions(llm_latents=args.llm_latents, progress=not args.quiet)
-    catalog = build_catalog(args.run, args.labeler, llm, options)
+    catalog = build_catalog(args.run, args.labeler, llm, options, ray_config(args))
     summary = catalog["summary"]
     keys = ("live_latents", "mean_confidence", "share_confidence_ge_0.8", "mean_auc", "coherence", "seconds")
     layout = RunLayout(args.run)
@@ -400,7 +403,7 @@ def cmd_sae_sweep(args: argparse.Namespace) -> int:
     ks, widths = int_list(args.ks, "--ks"), int_list(args.widths, "--widths")
     if min(ks) > max(widths):
         raise ConfigError(f"every k in --ks {args.ks} exceeds every width in --widths {args.widths}")
-    result = sweep_sae(args.run, ks, widths, sae_config(args, SWEEP_SAE_OPTIONS), args.out)
+    result = sweep_sae(args.run, ks, widths, sae_config(args, SWEEP_SAE_OPTIONS), args.out, ray_config(args))
     for point in result["points"]:
         print(json.dumps(point))
     return 0

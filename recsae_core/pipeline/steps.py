@@ -37,8 +37,9 @@ def probe_step(run_dir: Path, progress: bool = True, ray_config: RayConfig | Non
     return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
 
 
-def sae_step(run_dir: Path, config: SAETrainConfig) -> dict[str, Any]:
-    """Train, select and evaluate the run's SAE, and write RUN_DIR/sae atomically."""
+def sae_step(run_dir: Path, config: SAETrainConfig, ray_config: RayConfig | None = None) -> dict[str, Any]:
+    """Train, select and evaluate the run's SAE, and write RUN_DIR/sae atomically (trained on Ray Train and its
+    latent statistics computed on Ray Data when `ray_config` names a cluster)."""
     layout = RunLayout(run_dir)
     try:
         layout.verify_probe()  # and the recommender it was made from
@@ -48,7 +49,7 @@ def sae_step(run_dir: Path, config: SAETrainConfig) -> dict[str, Any]:
     ctx = load_run(run_dir, device="cpu")
     made_from = layout.made_from(layout.probe)
     activations, _, _ = load_activations(layout.probe)
-    fitted = fit_sae(ctx, activations, config)
+    fitted = fit_sae(ctx, activations, config, ray_config, layout.probe)
     fitted.metrics[MADE_FROM] = made_from
     with atomic_folder(layout.sae) as folder:
         fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
@@ -91,13 +92,13 @@ ArtifactError naming a file whose bytes changed since), and how to run it."""
 def steps_after_recommender(
     run_dir: Path, sae_config: SAETrainConfig, ray_config: RayConfig | None = None
 ) -> list[Step]:
-    """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported (the probe on
-    Ray when `ray_config` names a cluster)."""
+    """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported (the probe, the
+    SAE with its statistics, and the catalog's top samples and labels on Ray when `ray_config` names a cluster)."""
     layout = RunLayout(run_dir)
     return [
         ("probe", layout.verify_probe, lambda: probe_step(run_dir, sae_config.progress, ray_config)),
-        ("sae", layout.verify_sae, lambda: sae_step(run_dir, sae_config)),
-        ("concepts", layout.verify_catalog, lambda: concepts_step(run_dir, sae_config.progress)),
+        ("sae", layout.verify_sae, lambda: sae_step(run_dir, sae_config, ray_config)),
+        ("concepts", layout.verify_catalog, lambda: concepts_step(run_dir, sae_config.progress, ray_config)),
         ("bundle", layout.verify_bundle, lambda: bundle_step(run_dir)),
     ]
 

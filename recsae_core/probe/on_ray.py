@@ -60,7 +60,7 @@ def collect_on_ray(
     rows = [{"batch": i, "start": a, "end": b} for i, (a, b) in enumerate(bounds)]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     computed = dataset.map_batches(ProbeActor, fn_constructor_args=(str(ctx.root.resolve()),), batch_size=1,
-                                   concurrency=workers, num_cpus=1)  # fmt: skip
+                                   compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)  # fmt: skip
 
     def in_order() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         expected = 0

@@ -114,6 +114,12 @@ def top_k(scorer: ItemScorer, h: np.ndarray, k: int, masked: Masked | None = Non
     return TopK(best_items, np.negative(best_neg))
 
 
+def best_of_scores(scores: np.ndarray, k: int) -> np.ndarray:
+    """(rows, min(k, n_items)) each row's k best items of a score matrix, in no particular order: the set `top_k`
+    picks (ties at the cut to the lowest indices), for callers that already hold the scores."""
+    return _block_top(np.negative(scores), k)
+
+
 def _block_top(neg: np.ndarray, k: int) -> np.ndarray:
     """(rows, min(k, width)) local indices of each row's k smallest of `neg`, in no particular order; among items
     tied at the cut, the lowest indices (argpartition alone may pick any of them)."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.data.splits import Stage
 from recsae_core.recommenders.evaluate import evaluate, make_batch, mask_seen
-from recsae_core.recommenders.run import RunContext
+from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.stats import LatentStats, latent_statistics
@@ -63,23 +65,53 @@ class FittedSAE(NamedTuple):
     """What sae/metrics.json holds."""
 
 
-def fit_sae(ctx: RunContext, activations: torch.Tensor, config: SAETrainConfig) -> FittedSAE:
-    """Train an SAE on probed activations, select it by dev NDCG@10 with substitution, and evaluate it on test."""
+class DevNDCG:
+    """RecSAE's selection score: dev NDCG@10 of the run's recommender with the reconstruction substituted. It
+    pickles as the run folder alone, so Ray Train's rank 0 loads the run where it scores."""
+
+    def __init__(self, run_dir: Path, ctx: RunContext | None = None) -> None:
+        self.run_dir, self.ctx = Path(run_dir), ctx
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "ctx": None}
+
+    def __call__(self, sae: TopKSAE, row: dict[str, float]) -> float:
+        """(train_sae then prefers checkpoints within max_dead on the fixed sample, which it has just
+        reconstructed.)"""
+        if self.ctx is None:
+            self.ctx = load_run(self.run_dir, device="cpu")
+        sae = copy.deepcopy(sae).cpu().eval()  # a copy: training may be on another device
+        return evaluate(self.ctx.model, self.ctx.split, "valid", transform=substitute(sae))["ndcg@10"]
+
+
+def fit_sae(
+    ctx: RunContext, activations: torch.Tensor, config: SAETrainConfig, ray_config: RayConfig | None = None,
+    probe_folder: Path | None = None,
+) -> FittedSAE:  # fmt: skip
+    """Train an SAE on probed activations, select it by dev NDCG@10 with substitution, and evaluate it on test.
+    With a `ray_config` that names a cluster, training runs there on Ray Train and the latent statistics on Ray
+    Data, both streaming `probe_folder` (the probe `activations` were read from)."""
     n = len(activations)
     dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
-
-    def select(sae: TopKSAE, row: dict[str, float]) -> float:
-        """RecSAE's selection: dev NDCG@10 with the reconstruction substituted (train_sae then prefers checkpoints
-        within max_dead on the fixed sample, which it has just reconstructed)."""
-        sae = copy.deepcopy(sae).cpu().eval()  # a copy: training may be on another device
-        return evaluate(ctx.model, ctx.split, "valid", transform=substitute(sae))["ndcg@10"]
-
+    select = DevNDCG(ctx.root, ctx)
     # The same fixed sample, in eval mode, decides whether a tied checkpoint reconstructs better: the running
     # training FVU moves by about 1% between epochs from batch noise alone, more than the gains it should judge.
-    result = train_sae(activations, config, select=select, valid=dead_sample)
+    if ray_config is not None and ray_config.on_ray:
+        if probe_folder is None:
+            raise ValueError("training on Ray streams the probe folder: give probe_folder")
+        from recsae_core.sae.on_ray import train_sae_on_ray
+
+        result = train_sae_on_ray(probe_folder, config, ray_config, select=select, valid=dead_sample)
+    else:
+        result = train_sae(activations, config, select=select, valid=dead_sample)
     sae = result.sae.cpu().eval()
     baseline = random_sae(sae.cfg, activations, config.seed).eval()
-    stats = latent_statistics(sae, activations)
+    if ray_config is not None and ray_config.on_ray and probe_folder is not None:
+        from recsae_core.sae.stats_on_ray import latent_statistics_on_ray
+
+        stats = latent_statistics_on_ray(sae, probe_folder, ray_config)
+    else:
+        stats = latent_statistics(sae, activations)
     recon = evaluate_reconstruction(sae, activations)
     with torch.no_grad():
         ndcg = {

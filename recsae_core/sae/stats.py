@@ -52,17 +52,50 @@ class LatentStats:
         return float((self.frequency == 0).float().mean())
 
 
-def _interpolated_quantiles(values: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:
-    """Linear-interpolated deciles of groups stored sorted and contiguous in `values` (as torch.quantile does)."""
+def decile_ranks(counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(pos, lo, hi): each decile's fractional rank in groups of `counts` ascending values, and the two ranks it
+    interpolates between (as torch.quantile does)."""
     pos = (counts.clamp_min(1) - 1).double()[:, None] * DECILES[None, :]
-    lo = pos.floor().long()
-    hi = pos.ceil().long()
+    return pos, pos.floor().long(), pos.ceil().long()
+
+
+def interpolate_deciles(pos: Tensor, lo: Tensor, v_lo: Tensor, v_hi: Tensor, counts: Tensor) -> Tensor:
+    """The deciles from the values at ranks lo and hi of `decile_ranks`; zeros for empty groups."""
+    out = v_lo.double() + (pos - lo.double()) * (v_hi.double() - v_lo.double())
+    return torch.where(counts[:, None] > 0, out, torch.zeros_like(out)).float()
+
+
+def _interpolated_quantiles(values: Tensor, offsets: Tensor, counts: Tensor) -> Tensor:
+    """Linear-interpolated deciles of groups stored sorted and contiguous in `values`."""
+    pos, lo, hi = decile_ranks(counts)
     base = offsets[:, None]
     last = max(len(values) - 1, 0)
-    v_lo = values[(base + lo).clamp(0, last)].double() if len(values) else torch.zeros_like(pos)
-    v_hi = values[(base + hi).clamp(0, last)].double() if len(values) else torch.zeros_like(pos)
-    out = v_lo + (pos - lo.double()) * (v_hi - v_lo)
-    return torch.where(counts[:, None] > 0, out, torch.zeros_like(out)).float()
+    v_lo = values[(base + lo).clamp(0, last)] if len(values) else torch.zeros_like(pos)
+    v_hi = values[(base + hi).clamp(0, last)] if len(values) else torch.zeros_like(pos)
+    return interpolate_deciles(pos, lo, v_lo, v_hi, counts)
+
+
+def group_deciles(sorted_values: Tensor) -> Tensor:
+    """(9,) deciles of one group of ascending values (zeros when empty)."""
+    return _interpolated_quantiles(sorted_values, torch.zeros(1, dtype=torch.long),
+                                   torch.tensor([len(sorted_values)]))[0]  # fmt: skip
+
+
+def finish_stats(
+    n: int, count: Tensor, total: Tensor, total_sq: Tensor, peak: Tensor, deciles: Tensor, global_deciles: Tensor
+) -> LatentStats:
+    """LatentStats from per-latent sums over `n` samples: firing counts, float64 sums and sums of squares of the
+    activations, largest activations, and the deciles."""
+    mean_all = total / n
+    return LatentStats(
+        frequency=(count.double() / n).float(),
+        mean_activation=torch.where(count > 0, total / count.clamp_min(1), 0.0).float(),
+        max_activation=peak,
+        std_activation=(total_sq / n - mean_all.pow(2)).clamp_min(0).sqrt().float(),
+        deciles=deciles,
+        global_deciles=global_deciles,
+        n_samples=n,
+    )
 
 
 @torch.no_grad()
@@ -98,18 +131,8 @@ def latent_statistics(sae: TopKSAE, activations: Activations, batch_size: int = 
     order = ids.argsort(stable=True)
     grouped = vals[order]
     offsets = torch.cumsum(count, 0) - count
-    pooled = vals  # already ascending
-    one_group = torch.zeros(1, dtype=torch.long), torch.tensor([len(pooled)])
-    mean_all = total / n
-    return LatentStats(
-        frequency=(count.double() / n).float(),
-        mean_activation=torch.where(count > 0, total / count.clamp_min(1), 0.0).float(),
-        max_activation=peak,
-        std_activation=(total_sq / n - mean_all.pow(2)).clamp_min(0).sqrt().float(),
-        deciles=_interpolated_quantiles(grouped, offsets, count),
-        global_deciles=_interpolated_quantiles(pooled, *one_group)[0],
-        n_samples=n,
-    )
+    deciles = _interpolated_quantiles(grouped, offsets, count)
+    return finish_stats(n, count, total, total_sq, peak, deciles, group_deciles(vals))  # vals: already ascending
 
 
 _STATS_SHAPES = {"frequency": 1, "mean_activation": 1, "max_activation": 1, "std_activation": 1, "deciles": 2}

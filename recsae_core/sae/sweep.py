@@ -12,15 +12,20 @@ from recsae_core.common.artifacts import write_json, write_text_atomic
 from recsae_core.common.errors import ArtifactError, ConfigError, IncompleteError
 from recsae_core.common.html import figure_html, page, table_html
 from recsae_core.common.layout import RunLayout
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.probe.collect import load_activations
 from recsae_core.recommenders.run import load_run
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.fit import fit_sae
 
 
-def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], config: SAETrainConfig, out: Path) -> dict[str, Any]:
+def sweep_sae(
+    run_dir: Path, ks: list[int], widths: list[int], config: SAETrainConfig, out: Path,
+    ray_config: RayConfig | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Train one SAE per (width, k) with k <= width on the run's probe, the rest of each run as `config` says
-    (its own n_latents and k are replaced); write OUT (JSON) and OUT with .html beside it."""
+    (its own n_latents and k are replaced), each on Ray Train when `ray_config` names a cluster; write OUT (JSON)
+    and OUT with .html beside it."""
     pairs = [(width, k) for width in widths for k in ks if k <= width]
     if not pairs:
         raise ConfigError(f"every k in {ks} exceeds every width in {widths}: nothing to sweep")
@@ -34,13 +39,14 @@ def sweep_sae(run_dir: Path, ks: list[int], widths: list[int], config: SAETrainC
     activations, _, _ = load_activations(layout.probe)
     points = []
     for width, k in pairs:
-        m = fit_sae(ctx, activations, dataclasses.replace(config, n_latents=width, k=k)).metrics
+        point_config = dataclasses.replace(config, n_latents=width, k=k)
+        m = fit_sae(ctx, activations, point_config, ray_config, layout.probe).metrics
         points.append({
             "n_latents": width, "k": k, "fvu": m["fvu"], "dead_fraction": m["dead_fraction"],
             "ndcg@10_original": m["ndcg@10"]["original"], "ndcg@10_substituted": m["ndcg@10"]["substituted"],
             "substituted_ratio": m["substituted_ratio"], "seconds": m["seconds"],
             "samples_per_second": m["samples_per_second"], "epochs_trained": m["epochs_trained"],
-            "stopped_by": m["stopped_by"],
+            "stopped_by": m["stopped_by"], "workers": m["workers"],
         })  # fmt: skip
     result = {"run": str(run_dir), "model": ctx.model.name, "dataset": ctx.config["dataset"], "points": points}
     write_json(out, result)

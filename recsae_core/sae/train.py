@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +16,7 @@ from recsae_core.common.errors import ConfigError
 from recsae_core.sae.activations import Activations, count_rows, first_rows, iter_batches
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import SAEConfig, TopKSAE
+from recsae_core.sae.selection import CheckpointKeeper, FireClock, Select, score_epoch, scored
 
 
 @dataclass
@@ -47,6 +46,8 @@ class SAETrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     """Per epoch: epoch, fvu (train), aux_loss, dead_fraction (in no top-k this epoch), valid_fvu and
     valid_dead_fraction (on `valid`, when given), score."""
+    workers: int = 1
+    """Data-parallel workers it trained on (more than 1: DDP on Ray Train)."""
 
 
 def random_sae(config: SAEConfig, data: Activations, seed: int) -> TopKSAE:
@@ -59,7 +60,7 @@ def random_sae(config: SAEConfig, data: Activations, seed: int) -> TopKSAE:
 def train_sae(
     activations: Activations,
     config: SAETrainConfig,
-    select: Callable[[TopKSAE, dict[str, float]], float] | None = None,
+    select: Select | None = None,
     valid: Tensor | None = None,
     init: TopKSAE | None = None,
 ) -> SAETrainResult:
@@ -84,20 +85,14 @@ def train_sae(
     cfg = sae.cfg
     optimizer = torch.optim.Adam(sae.parameters(), lr=tc.lr)
     max_seconds = tc.max_seconds
-
-    # Samples seen since each latent last fired; a latent is dead once that reaches dead_after. With dead_after
-    # unset (an `init` SAE from elsewhere) it is one epoch, which for shards is known only after the first pass; no
-    # latent can reach an epoch's count before then, so "infinite" during epoch 1 is the same rule.
-    since_fired = torch.zeros(cfg.n_latents, dtype=torch.long, device=tc.device)
-    dead_after = cfg.dead_after if cfg.dead_after is not None else math.inf
+    clock = FireClock(cfg.n_latents, cfg.dead_after, tc.device)
     if cfg.dead_after is None and isinstance(activations, Tensor):
-        dead_after = len(activations)
-
-    best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(sae.state_dict())
-    top_score, kept_score, kept_fvu, kept_few_dead = -math.inf, -math.inf, math.inf, False
-    stopped_by, drops_left = "epochs", tc.lr_drops
+        clock.epoch_length(len(activations))
+    keeper = CheckpointKeeper(tc)
+    best_state = copy.deepcopy(sae.state_dict())
+    stopped_by = "epochs"
     history: list[dict[str, float]] = []
-    seen, start, stale = 0, time.perf_counter(), 0
+    seen, start = 0, time.perf_counter()
     bar = tqdm(range(1, tc.epochs + 1), desc="sae", unit="epoch", disable=not tc.progress)
     for epoch in bar:
         fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=tc.device)
@@ -106,8 +101,7 @@ def train_sae(
         for x in iter_batches(activations, tc.batch_size, gen, tc.device):
             if len(x) < 2:
                 continue  # a one-row batch has no variance to explain
-            dead_mask = since_fired >= dead_after if cfg.aux_coef > 0 else None
-            out = sae(x, dead_mask)
+            out = sae(x, clock.dead_mask() if cfg.aux_coef > 0 else None)
             loss = out.fvu + cfg.aux_coef * out.aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -117,8 +111,7 @@ def train_sae(
 
             active = (out.z > 0).any(0)
             fired |= active
-            since_fired += len(x)
-            since_fired[active] = 0
+            clock.tick(active, len(x))
             sums["fvu"] += out.fvu.item()
             sums["aux_loss"] += out.aux_loss.item()
             n_batches += 1
@@ -126,8 +119,7 @@ def train_sae(
         if n_batches == 0:
             raise ConfigError("no training batch with at least 2 rows")
         seen += epoch_samples
-        if cfg.dead_after is None:
-            dead_after = epoch_samples
+        clock.epoch_length(epoch_samples)
 
         row: dict[str, float] = {
             "epoch": epoch,
@@ -135,45 +127,22 @@ def train_sae(
             "aux_loss": sums["aux_loss"] / n_batches,
             "dead_fraction": 1.0 - float(fired.float().mean()),
         }
+        history.append(row)
         # Checked every epoch, scored or not; the epoch that ends training on a budget is scored, like the last one.
         spent = bool(tc.max_samples) and seen >= tc.max_samples
         out_of_time = max_seconds is not None and time.perf_counter() - start >= max_seconds
-        if epoch % tc.select_every and epoch != tc.epochs and not (spent or out_of_time):
-            history.append(row)
+        if not scored(epoch, tc, spent or out_of_time):
             continue
-        sae.eval()
-        with torch.no_grad():
-            if valid is not None:
-                recon = evaluate_reconstruction(sae, valid, tc.batch_size)
-                row["valid_fvu"], row["valid_dead_fraction"] = recon["fvu"], recon["dead_fraction"]
-            score = float(select(sae, row)) if select is not None else -row.get("valid_fvu", row["fvu"])
-        sae.train()
-        row["score"] = score
-        history.append(row)
-        bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}", score=f"{score:.4f}")
-
-        fvu_now = row.get("valid_fvu", row["fvu"])
-        few_dead = row.get("valid_dead_fraction", row["dead_fraction"]) <= tc.max_dead
-        if few_dead and not kept_few_dead:  # the first checkpoint within max_dead beats every one before it
-            keep, top_score = True, -math.inf
-        elif kept_few_dead and not few_dead:
-            keep = False
-        else:
-            keep = _keep(score, fvu_now, top_score, kept_score, kept_fvu, tc)
-        if keep:
-            best_score, best_epoch, stale = score, epoch, 0
-            kept_score, kept_fvu, kept_few_dead = score, fvu_now, few_dead
+        score_epoch(sae, row, tc, select, valid, evaluate_reconstruction)
+        bar.set_postfix(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}", score=f"{row['score']:.4f}")
+        verdict = keeper.judge(epoch, row)
+        if verdict.keep:
             best_state = copy.deepcopy(sae.state_dict())
-        else:
-            stale += 1
-        if few_dead == kept_few_dead:  # the tolerance band is measured among checkpoints of the kept one's kind
-            top_score = max(top_score, score)
-        if stale >= tc.patience and drops_left > 0:
-            drops_left, stale = drops_left - 1, 0
+        if verdict.lr_drop:
             for group in optimizer.param_groups:
                 group["lr"] *= tc.lr_drop_factor
             row["lr"] = optimizer.param_groups[0]["lr"]
-        elif stale >= tc.patience:
+        elif verdict.stop:
             stopped_by = "patience"
             break
         if spent:
@@ -181,9 +150,7 @@ def train_sae(
             break
         if out_of_time:
             stopped_by = "wall_clock_safety"
-            print(f"recsae: warning: SAE training hit the {tc.max_minutes:g}-minute wall-clock safety stop after "
-                  f"{epoch} epochs ({seen} samples); the best checkpoint so far is kept, and this SAE depends on the "
-                  "machine's speed (metrics.json: stopped_by wall_clock_safety)", file=sys.stderr)  # fmt: skip
+            warn_safety_stop(tc, epoch, seen)
             break
     bar.close()
 
@@ -192,8 +159,8 @@ def train_sae(
     return SAETrainResult(
         sae=sae.eval(),
         config=tc,
-        best_epoch=best_epoch,
-        best_score=best_score,
+        best_epoch=keeper.best_epoch,
+        best_score=keeper.best_score,
         epochs_trained=len(history),
         seconds=seconds,
         samples_per_second=seen / max(seconds, 1e-9),
@@ -201,6 +168,12 @@ def train_sae(
         stopped_by=stopped_by,
         samples_seen=seen,
     )
+
+
+def warn_safety_stop(tc: SAETrainConfig, epoch: int, seen: int) -> None:
+    print(f"recsae: warning: SAE training hit the {tc.max_minutes:g}-minute wall-clock safety stop after "
+          f"{epoch} epochs ({seen} samples); the best checkpoint so far is kept, and this SAE depends on the "
+          "machine's speed (metrics.json: stopped_by wall_clock_safety)", file=sys.stderr)  # fmt: skip
 
 
 def training_summary(result: SAETrainResult) -> dict[str, Any]:
@@ -212,23 +185,8 @@ def training_summary(result: SAETrainResult) -> dict[str, Any]:
         "seed": tc.seed, "max_samples": tc.max_samples, "samples_seen": result.samples_seen,
         "max_minutes": tc.max_minutes, "seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 1), "best_epoch": result.best_epoch,
-        "epochs_trained": result.epochs_trained, "stopped_by": result.stopped_by,
+        "epochs_trained": result.epochs_trained, "stopped_by": result.stopped_by, "workers": result.workers,
     }  # fmt: skip
-
-
-def _keep(score: float, fvu: float, top_score: float, kept_score: float, kept_fvu: float, tc: SAETrainConfig) -> bool:
-    """Whether this epoch replaces the kept checkpoint: it beats every earlier score, or (with a tolerance) it
-    scores within the tolerance of the best and reconstructs clearly better than the kept one, which itself must
-    then still be within the tolerance of the new best. Selection scores on a few thousand users are noisy at the
-    third decimal, so without the tolerance an early lucky epoch wins over a later, more faithful SAE."""
-    if score > top_score and tc.select_tolerance == 0:
-        return True
-    floor = max(top_score, score) - tc.select_tolerance * abs(max(top_score, score))
-    if score < floor:
-        return False
-    if kept_score < floor:  # the kept checkpoint fell out of the tolerance band: this one is in it
-        return True
-    return fvu < kept_fvu * (1 - tc.min_fvu_gain) or (score > top_score and fvu <= kept_fvu)
 
 
 @torch.no_grad()

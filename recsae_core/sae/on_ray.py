@@ -1,0 +1,289 @@
+"""SAE training on Ray Train: a `TorchTrainer` of N workers (DDP: gloo on CPU, NCCL on GPU), each streaming its share
+of the probe's shards with `iter_torch_batches`.
+
+What makes N workers train one SAE rather than N:
+- DDP all-reduces the gradients, so every worker takes the same Adam step from the same weights; the decoder is then
+  renormalised on every worker from identical rows, and every epoch the workers check that their weights still agree.
+- The latents that fired anywhere in the global batch are all-reduced (max) before the dead-latent clock ticks, so
+  AuxK's dead set is global, not a worker's.
+- Rank 0 alone scores an epoch (dev NDCG with the reconstruction substituted, on the fixed `valid` sample) and judges
+  it with the one-process rules (`selection.CheckpointKeeper`); its verdict (keep, lower the rate, stop) and the
+  wall-clock safety stop are broadcast, so every worker leaves the same epoch. Rank 0 holds the kept weights, as one
+  process does, and reports them at the end as the run's checkpoint through `ray.train.report`; the driver loads it
+  from there.
+
+The global batch is `batch_size` rows (batch_size // N per worker), and the sample budget counts global samples, so
+the same config asks the same of one worker and of N. The batch order differs from one process (Ray Data splits the
+shards between workers), so the SAE is not bit-identical to one-process training: it meets the same FVU, dead and
+NDCG-ratio targets within the tolerances tests/test_distributed.py states.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+from torch import Tensor
+
+from recsae_core.common.errors import ConfigError
+from recsae_core.common.layout import verify_probe_folder
+from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.sae.config import SAETrainConfig
+from recsae_core.sae.model import TopKSAE
+from recsae_core.sae.selection import CheckpointKeeper, FireClock, Select, score_epoch, scored
+from recsae_core.sae.train import SAETrainResult, evaluate_reconstruction, random_sae, warn_safety_stop
+
+TRAINING = "training.json"
+"""Beside the SAE in the final checkpoint: how training went (SAETrainResult's fields)."""
+CACHE_BYTES = 1 << 30
+"""A worker keeps its share in memory after the first epoch when it is at most this large (`WorkerShare`)."""
+SHUFFLE_BATCHES = 8
+"""Each worker shuffles its rows in a buffer of this many of its batches (Ray Data's local shuffle)."""
+
+
+def read_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data: probe shard paths -> their activations h."""
+    return {"h": np.concatenate([load_file(str(path))["h"] for path in batch["path"]]).astype(np.float32)}
+
+
+def train_sae_on_ray(
+    probe_folder: Path, config: SAETrainConfig, ray_config: RayConfig, select: Select | None = None,
+    valid: Tensor | None = None, storage: Path | None = None,
+) -> SAETrainResult:  # fmt: skip
+    """`train.train_sae` on the probe in `probe_folder` with `ray_config.workers` DDP workers of the cluster at
+    `ray_config.address`. `select` runs on rank 0, so it must pickle (`fit.DevNDCG` loads its run there). Ray Train
+    keeps its checkpoints under `storage` (default: a temporary folder beside the probe, removed afterwards), which,
+    like the probe, must be on storage every node mounts."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if ray_config.address is None:
+        raise ConfigError("train_sae_on_ray needs a Ray address (RayConfig.address)")
+    meta = verify_probe_folder(probe_folder)
+    tc = config.resolve(int(meta["n_samples"]))
+    resources = connect(ray_config.address)
+    workers, gpu = workers_for(ray_config, resources), tc.device.startswith("cuda")
+    slots = int(resources.get("GPU" if gpu else "CPU", 0))
+    if workers > slots:  # Ray Train would wait for them forever
+        raise ConfigError(f"--ray-workers {workers}: the cluster has {slots} {'GPU' if gpu else 'CPU'}s")
+    if tc.batch_size < 2 * workers:
+        raise ConfigError(f"batch size {tc.batch_size} leaves fewer than 2 rows per worker for {workers} workers")
+    first = torch.from_numpy(load_file(str(probe_folder / meta["shards"][0]))["h"][:32768].astype(np.float32))
+    sae = random_sae(tc.sae_config(first.shape[1]), first, tc.seed)
+
+    paths = [{"path": str((probe_folder / shard).resolve())} for shard in meta["shards"]]
+    dataset = ray.data.from_items(paths, override_num_blocks=len(paths)).map_batches(
+        read_shards, batch_size=1, num_cpus=0  # file reads: the training workers hold every CPU
+    )
+    dataset = dataset.randomize_block_order(seed=tc.seed)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    own_storage = storage is None
+    storage = Path(storage or tempfile.mkdtemp(dir=probe_folder.parent, prefix=".sae-train.", suffix=".tmp"))
+    loop_config = {"tc": tc, "sae_cfg": sae.cfg, "state": sae.state_dict(), "select": select, "valid": valid}
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=loop_config, datasets={"train": dataset},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu),
+        run_config=ray.train.RunConfig(name="sae", storage_path=str(storage.resolve()),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+    )  # fmt: skip
+    try:
+        try:
+            result = trainer.fit()
+        except Exception as err:  # Ray wraps a worker's error: its first line is what the user needs
+            raise _worker_error(err) from None
+        if result.checkpoint is None:
+            raise RuntimeError("Ray Train returned no checkpoint from rank 0")
+        with result.checkpoint.as_directory() as folder:
+            trained = TopKSAE.load(Path(folder) / "sae", device="cpu").eval()
+            final = json.loads((Path(folder) / TRAINING).read_text())
+    finally:
+        if own_storage:
+            shutil.rmtree(storage, ignore_errors=True)
+    if final["stopped_by"] == "wall_clock_safety":
+        warn_safety_stop(tc, final["epochs_trained"], final["samples_seen"])
+    return SAETrainResult(
+        sae=trained, config=tc, best_epoch=final["best_epoch"], best_score=final["best_score"],
+        epochs_trained=final["epochs_trained"], seconds=final["seconds"],
+        samples_per_second=final["samples_seen"] / max(final["seconds"], 1e-9), history=final["history"],
+        stopped_by=final["stopped_by"], samples_seen=final["samples_seen"], workers=workers,
+    )  # fmt: skip
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """One DDP worker of `train_sae_on_ray` (rank 0 also scores, judges and checkpoints)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    tc: SAETrainConfig = loop_config["tc"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    sae = TopKSAE(loop_config["sae_cfg"])
+    sae.load_state_dict(loop_config["state"])
+    sae = sae.to(device).train()
+    model = ray.train.torch.prepare_model(sae, move_to_device=False)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=tc.lr)
+    cfg, per_worker = sae.cfg, tc.batch_size // world
+    clock, keeper = FireClock(cfg.n_latents, cfg.dead_after, device), CheckpointKeeper(tc)
+    shard = ray.train.get_dataset_shard("train")
+    history: list[dict[str, float]] = []
+    seen, start, stopped_by = 0, time.perf_counter(), "epochs"
+    best_state = copy.deepcopy(sae.state_dict())
+    share = WorkerShare(shard, per_worker, device, tc.seed + 7919 * rank)
+    for epoch in range(1, tc.epochs + 1):
+        fired = torch.zeros(cfg.n_latents, dtype=torch.bool, device=device)
+        sums = torch.zeros(2, dtype=torch.float64)
+        n_batches = epoch_samples = 0
+        for x in _in_step(share.epoch(epoch)):
+            out = model(x, clock.dead_mask() if cfg.aux_coef > 0 else None)
+            loss = out.fvu + cfg.aux_coef * out.aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # DDP: the gradients are now the mean over the workers
+            sae.remove_parallel_gradient()
+            optimizer.step()
+            sae.normalize_decoder()
+
+            active = (out.z > 0).any(0).to(torch.int32).cpu()
+            dist.all_reduce(active, op=dist.ReduceOp.MAX)
+            active = active.bool().to(device)
+            fired |= active
+            clock.tick(active, len(x) * world)
+            sums += torch.tensor([out.fvu.item(), out.aux_loss.item()], dtype=torch.float64)
+            n_batches += 1
+            epoch_samples += len(x) * world
+        if n_batches == 0:
+            raise ConfigError(f"no training batch: fewer than {per_worker} rows per worker")
+        dist.all_reduce(sums)
+        _check_in_sync(sae)
+        seen += epoch_samples
+        clock.epoch_length(epoch_samples)
+        row: dict[str, float] = {"epoch": epoch, "fvu": float(sums[0]) / (n_batches * world),
+                                 "aux_loss": float(sums[1]) / (n_batches * world),
+                                 "dead_fraction": 1.0 - float(fired.float().mean())}  # fmt: skip
+        history.append(row)
+        spent = bool(tc.max_samples) and seen >= tc.max_samples
+        out_of_time = _from_rank_zero([tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds])[0]
+        keep = lr_drop = stop = False
+        is_scored = scored(epoch, tc, spent or out_of_time)
+        if is_scored:
+            if rank == 0:
+                score_epoch(sae, row, tc, loop_config["select"], loop_config["valid"], evaluate_reconstruction)
+                verdict = keeper.judge(epoch, row)
+                keep, lr_drop, stop = verdict.keep, verdict.lr_drop, verdict.stop
+            keep, lr_drop, stop = _from_rank_zero([keep, lr_drop, stop])
+        if lr_drop:
+            for group in optimizer.param_groups:
+                group["lr"] *= tc.lr_drop_factor
+            row["lr"] = optimizer.param_groups[0]["lr"]
+        if keep:
+            best_state = copy.deepcopy(sae.state_dict())
+        if is_scored:  # every worker reports the same epochs: a report is a barrier
+            ray.train.report(dict(row))
+        if stop or spent or out_of_time:
+            stopped_by = "patience" if stop else "samples" if spent else "wall_clock_safety"
+            break
+    seconds = time.perf_counter() - start
+    summary = {"best_epoch": keeper.best_epoch, "best_score": keeper.best_score, "epochs_trained": len(history),
+               "samples_seen": seen, "seconds": seconds, "stopped_by": stopped_by, "history": history}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:  # the kept weights and how training went, as the run's one checkpoint
+            sae.load_state_dict(best_state)
+            sae.save(Path(folder) / "sae")
+            (Path(folder) / TRAINING).write_text(json.dumps(summary))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report({"final": 1}, checkpoint=checkpoint)
+
+
+class WorkerShare:
+    """A worker's share of the activations, epoch after epoch. The first epoch streams it with Ray Data's
+    `iter_torch_batches` (shuffled in a local buffer); a share of at most `CACHE_BYTES` is then kept and reshuffled in
+    memory for later epochs, because a Ray Data pass costs a second or more to start: with small epochs (a sample per
+    user) that, not the SAE, would set the pace. A larger share is streamed again every epoch."""
+
+    def __init__(self, shard: Any, batch_size: int, device: torch.device, seed: int) -> None:
+        self.shard, self.batch_size, self.device = shard, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.kept: list[Tensor] | None = []
+
+    def epoch(self, epoch: int) -> Iterator[Tensor]:
+        if epoch > 1 and self.kept is not None:
+            rows = torch.cat(self.kept)
+            rows = rows[torch.randperm(len(rows), generator=self.generator)]
+            yield from rows[: len(rows) - len(rows) % self.batch_size].split(self.batch_size)
+            return
+        keeping = epoch == 1 and self.kept is not None
+        # The short last batch is read when keeping (later epochs cut their remainder anew), never trained on.
+        batches = self.shard.iter_torch_batches(
+            batch_size=self.batch_size, dtypes=torch.float32, device=self.device, drop_last=not keeping,
+            local_shuffle_buffer_size=SHUFFLE_BATCHES * self.batch_size,
+            local_shuffle_seed=int(torch.randint(2**31 - 1, (1,), generator=self.generator)),
+        )  # fmt: skip
+        held = 0
+        for batch in batches:
+            x = batch["h"]
+            if keeping and self.kept is not None:
+                held += x.numel() * x.element_size()
+                if held <= CACHE_BYTES:
+                    self.kept.append(x)
+                else:
+                    self.kept = None
+            if len(x) == self.batch_size:
+                yield x
+        if keeping and self.kept is not None and not self.kept:
+            self.kept = None
+
+
+def _in_step(batches: Any) -> Any:
+    """The worker's batches while every worker still has one: a worker that ran out ends the epoch for all (DDP
+    needs every worker in every step)."""
+    import torch.distributed as dist
+
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        have = torch.tensor([0 if batch is None else 1], dtype=torch.int32)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if not have.item():
+            return
+        yield batch
+
+
+def _from_rank_zero(flags: list[bool]) -> list[bool]:
+    import torch.distributed as dist
+
+    values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+    dist.broadcast(values, src=0)
+    return [bool(v) for v in values.tolist()]
+
+
+def _check_in_sync(sae: TopKSAE) -> None:
+    """Refuse to go on if the workers' weights differ: DDP steps from identical gradients must keep them equal."""
+    import torch.distributed as dist
+
+    sums = torch.stack([p.detach().double().sum() for p in sae.parameters()]).cpu()
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"SAE weights differ between workers after a DDP epoch (parameter sums {low} vs {high})")
+
+
+def _worker_error(err: Exception) -> Exception:
+    text = str(err)
+    for line in text.splitlines():
+        if "ConfigError" in line or ("recsae" in line and "error" in line.lower()):
+            return ConfigError(line.split("ConfigError:", 1)[-1].strip()[:300])
+    first = next((line for line in reversed(text.splitlines()) if line.strip()), type(err).__name__)
+    return RuntimeError(f"SAE training on Ray failed: {first.strip()[:300]}")
