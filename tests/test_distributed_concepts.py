@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _ray_cluster import cluster, copy_recommender, in_a_fresh_process  # noqa: F401 (cluster: a fixture)
+from _ray_cluster import copy_recommender, in_a_fresh_process
 
 from recsae_core.common.layout import RunLayout
 
@@ -56,7 +56,7 @@ def probed(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def on_ray(probed, tmp_path_factory, cluster) -> Path:  # noqa: F811 (the imported fixture)
+def on_ray(probed, tmp_path_factory, cluster) -> Path:
     """What a driver of its own wrote from the cluster: the statistics, and the top-10 samples per latent with users
     of 3 samples each (so that one sample per user is exercised). Batches of 100 rows over shards of 300: batches
     straddle shards, and 10 batches spread over the 2 actors."""
@@ -108,7 +108,7 @@ def test_top_samples_on_ray_equal_the_one_process_ones(probed, on_ray):
     assert any(len(ids) == 10 for ids in got.values())
 
 
-def test_interpret_with_a_ray_address_writes_the_one_process_catalog(trained_run, tmp_path, cluster):  # noqa: F811
+def test_interpret_with_a_ray_address_writes_the_one_process_catalog(trained_run, tmp_path, cluster):
     import json
     import shutil
 

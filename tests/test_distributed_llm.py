@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _ray_cluster import cluster, in_a_fresh_process  # noqa: F401 (cluster: a fixture)
+from _ray_cluster import in_a_fresh_process
 from test_llm_client import FlakyProxy, llama_server  # noqa: F401 (llama_server: a fixture)
 
 from recsae_core.concepts.llm_client import LLMClient, LLMOptions
