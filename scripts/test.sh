@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 VENV=${RECSAE_VENV:-.venv}
 "$VENV/bin/ruff" check recsae_core service tests
-"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider "$@"
+"$VENV/bin/python" -m pytest tests -q -p no:cacheprovider --durations=30 "$@"

@@ -5,7 +5,7 @@ Only that cluster is stopped: `ray stop` would stop every Ray on the machine (an
 blocking `ray start` process is started in a session of its own, which its cluster's processes and workers share;
 at the end it is sent SIGTERM, and what is left of that session a few seconds later is killed. `ray start` also
 records its cluster as the machine's current one (the one a plain `ray.init()` joins); that record is put back as it
-was.
+was as soon as the cluster listens, so that no other process joins it by accident.
 
 The cluster and this process's driver run with RAY_AUTH_MODE=disabled: a process keeps the auth mode it first joins
 a cluster with, and a driver must share its cluster's. A local service started afterwards in the same process
@@ -34,6 +34,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 AUTH = {"RAY_AUTH_MODE": "disabled"}
 START_TIMEOUT_S = 180.0
 STOP_GRACE_S = 5.0
+RECORD_WAIT_S = 10.0
+"""How long `ray start` is given, once its cluster listens, to record it as the machine's current one."""
 PR_SET_PDEATHSIG = 1
 
 
@@ -53,6 +55,7 @@ def local_cluster(cpus: int) -> Iterator[str]:
         )  # fmt: skip
         try:
             _wait_listening(process, port, log)
+            _restore_current(current, before, port, wait_s=RECORD_WAIT_S)  # nobody else's plain ray.init() joins it
             yield f"127.0.0.1:{port}"
         finally:
             _leave()
@@ -76,10 +79,14 @@ def _current_cluster_file() -> Path:
     return Path(get_ray_address_file(None))
 
 
-def _restore_current(path: Path, before: str | None, port: int) -> None:
+def _restore_current(path: Path, before: str | None, port: int, wait_s: float = 0.0) -> None:
     """Undo `ray start`'s record of this cluster as the machine's current one (as `ray stop` would, which removes
-    it): a plain `ray.init()` elsewhere would otherwise try to join a cluster that is gone, or no longer find the
-    one it joined before. Left alone when another cluster has been recorded since."""
+    it): a plain `ray.init()` elsewhere would otherwise join this cluster while it runs (and refuse its own
+    num_cpus), try to join it once it is gone, or no longer find the one it joined before. Left alone when another
+    cluster has been recorded since. `wait_s`: how long to wait for `ray start` to write the record."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not _names_port(path, port):
+        time.sleep(0.1)
     with suppress(OSError):
         if path.read_text().strip().rpartition(":")[2] != str(port):
             return
@@ -87,6 +94,13 @@ def _restore_current(path: Path, before: str | None, port: int) -> None:
             path.unlink()
         else:
             path.write_text(before)
+
+
+def _names_port(path: Path, port: int) -> bool:
+    try:
+        return path.read_text().strip().rpartition(":")[2] == str(port)
+    except OSError:
+        return False
 
 
 def _wait_listening(process: subprocess.Popen, port: int, log: IO[str]) -> None:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from service.local import free_port
+from service.bench_cluster import local_cluster
 
-RAY = str(Path(sys.executable).with_name("ray"))
 CLUSTER_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
 """The cluster and every driver that joins it, each a process of its own, share one auth mode. Nothing here joins a
 cluster from the pytest process itself: Ray keeps its auth mode per process once set, and the service tests after
@@ -23,20 +21,18 @@ this module start local Rays in token mode (ray.init sets RAY_AUTH_MODE=token in
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    """The address of a local Ray cluster with 2 CPUs (so 2 probe actors), for this module only."""
+    """The address of a local Ray cluster with 2 CPUs (so 2 probe actors), for this module only. Started and stopped
+    as `recsae bench scale` does (only this cluster is stopped, and the machine's current-cluster record is put back),
+    not by `ray stop`, which would stop every Ray on the machine."""
     import ray
 
     ray.shutdown()  # an in-process Ray an earlier test left behind is not this cluster
-    port = free_port()
-    started = subprocess.run(
-        [RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-         "--disable-usage-stats"], env=CLUSTER_ENV, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr[-2000:]
+    saved = os.environ.get("RAY_AUTH_MODE")
     try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        with local_cluster(cpus=2) as address:
+            yield address
+    finally:  # local_cluster sets this process's auth mode for a driver it never starts here
+        os.environ.pop("RAY_AUTH_MODE", None) if saved is None else os.environ.__setitem__("RAY_AUTH_MODE", saved)
 
 
 def copy_recommender(run: Path, to: Path) -> Path:

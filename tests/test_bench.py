@@ -218,7 +218,7 @@ def served_on_ray(service_bundle: Path) -> Iterator[tuple[Served, Path]]:
     replica_bench drives the replica's request path in process). Per test, not per module: the bench runs above
     start and stop their own Ray in this process, and must not find one running."""
     bundle = service_bundle
-    ray.init(num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield Served.load(bundle, threads=1), bundle
     finally:

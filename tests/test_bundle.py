@@ -30,6 +30,7 @@ from recsae_core.pipeline import steps as pipeline
 from recsae_core.recommenders.base import Batch
 from recsae_core.recommenders.batching import pad_histories
 from recsae_core.recommenders.config import TrainConfig
+from recsae_core.recommenders.contract_export import parity_figures, past_tolerance
 from recsae_core.recommenders.run import load_run
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
@@ -145,6 +146,21 @@ def test_onnx_runtime_matches_pytorch(built):
     assert parity["users_checked"] == min(512, ctx.split.n_users)
     assert parity["max_abs_h_diff"] <= 1e-5 and parity["max_abs_score_diff"] <= 1e-5
     assert built["result"]["parity"] == parity
+
+
+def test_parity_tolerance_is_relative_to_the_size_of_the_values():
+    """A model trained elsewhere may emit h and scores in the thousands, where float32 rounding alone exceeds 1e-5
+    absolute: the check scales with the values (and is absolute below 1, where relative noise would be no guide)."""
+    rng = np.random.default_rng(0)
+    h = (rng.normal(size=(16, 8)) * 1e4).astype(np.float32)
+    items = rng.normal(size=(32, 8)).astype(np.float32)
+    rounded = (h.astype(np.float64) * (1 + 3e-7)).astype(np.float32)  # float32 noise of a second computation
+    figures = parity_figures(rounded, h, rounded @ items.T, h @ items.T)
+    assert figures["max_abs_h_diff"] > 1e-5 and not past_tolerance(figures)
+    off = h * np.float32(1.001)
+    assert past_tolerance(parity_figures(off, h, off @ items.T, h @ items.T))
+    small = h * np.float32(1e-7)  # |h| < 1: 1e-4 off is 1e-4 off, however small h is
+    assert past_tolerance(parity_figures(small + np.float32(1e-4), small, small @ items.T, small @ items.T))
 
 
 def test_load_bundle_round_trip(built):

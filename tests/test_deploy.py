@@ -542,6 +542,7 @@ def live_stack(tools: None, bundle: Path, tmp_path_factory: pytest.TempPathFacto
     try:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         ray.init(
+            address="local",  # a fresh Ray: a cluster left running on this machine would be joined, refusing num_cpus
             num_cpus=os.cpu_count() or 2,
             include_dashboard=False,
             _metrics_export_port=metrics_port,

@@ -14,11 +14,10 @@ from recsae_core.common.layout import RunLayout
 from recsae_core.common.onnx import cast_to_declared, h_output, load_inputs, open_onnx
 from recsae_core.data.splits import Ragged
 from recsae_core.recommenders.batching import make_batch
+from recsae_core.recommenders.contract_export import PARITY_TOLERANCE, parity_figures, past_tolerance
 from recsae_core.recommenders.onnx_model import OnnxRecommender
 from recsae_core.recommenders.recipe import Recipe
 from recsae_core.recommenders.run import RunContext
-
-PARITY_TOLERANCE = 1e-5
 
 
 def input_spec(recipe: Recipe, custom_names: list[str] | None = None) -> InputSpec:
@@ -52,8 +51,8 @@ def check_parity(
     ctx: RunContext, onnx_path: Path, users: np.ndarray, seen: Ragged, user_inputs: dict[str, np.ndarray]
 ) -> dict[str, float]:
     """The bundle's ONNX model on the bundle's own per-user inputs (what the service feeds) vs the run's recommender
-    `represent` on the same users, fed through its recipe from batches: max |h| and |score| differences; refuses to
-    bundle past tolerance. (A model trained here was checked against PyTorch when its contract was written:
+    `represent` on the same users, fed through its recipe from batches: `parity_figures`; refuses to bundle past
+    `PARITY_TOLERANCE`. (A model trained here was checked against PyTorch when its contract was written:
     `contract_parity` in its metrics.)"""
     session = open_onnx(onnx_path)
     batch = make_batch(ctx.model, users, seen, "cpu")
@@ -66,15 +65,10 @@ def check_parity(
     bias = ctx.model.item_bias()
     if bias is not None:
         s_onnx = s_onnx + bias.detach().numpy()
-    parity = {
-        "users_checked": len(users),
-        "max_abs_h_diff": float(np.abs(h_onnx - h_run.numpy()).max()),
-        "max_abs_score_diff": float(np.abs(s_onnx - s_run).max()),
-    }
-    if parity["max_abs_h_diff"] > PARITY_TOLERANCE or parity["max_abs_score_diff"] > PARITY_TOLERANCE:
-        raise ArtifactError(
-            f"{onnx_path}: the bundle's inputs and the run's recommender disagree beyond {PARITY_TOLERANCE}: {parity}"
-        )
+    parity = {"users_checked": len(users), **parity_figures(h_onnx, h_run.numpy(), s_onnx, s_run)}
+    if past_tolerance(parity):
+        raise ArtifactError(f"{onnx_path}: the bundle's inputs and the run's recommender disagree beyond "
+                            f"{PARITY_TOLERANCE} (relative to max(1, |value|)): {parity}")  # fmt: skip
     return parity
 
 

@@ -27,7 +27,9 @@ from recsae_core.recommenders.onnx_model import OnnxRecommender, read_contract
 from recsae_core.recommenders.recipe import IdMap, Recipe
 
 PARITY_TOLERANCE = 1e-5
-"""Largest |h| or |score| difference between PyTorch and the written contract that is accepted."""
+"""Largest |h| or |score| difference accepted between two computations of one model (PyTorch and its contract; the
+contract and a bundle's inputs), relative to the larger of 1 and the largest |value| compared: float32 noise grows
+with the values' size, and a model trained elsewhere may emit h or scores in the thousands."""
 PARITY_USERS = 512
 """Users the parity check compares (a seeded sample, or every user when there are fewer)."""
 HISTORY_INPUT = "history"
@@ -72,22 +74,37 @@ def in_house_recipe(model: Recommender, dataset: Dataset, folder: Path) -> Recip
 
 
 def contract_parity(torch_model: Recommender, contract_model: OnnxRecommender, seen: Ragged) -> dict[str, Any]:
-    """max |h| and |score| differences between PyTorch and the contract on a seeded sample of users with histories
-    `seen`; raises ArtifactError past PARITY_TOLERANCE."""
+    """`parity_figures` of PyTorch against the contract on a seeded sample of users with histories `seen`; raises
+    ArtifactError past PARITY_TOLERANCE."""
     n_users = len(seen.lengths)
     users = np.sort(np.random.default_rng(0).choice(n_users, min(PARITY_USERS, n_users), replace=False))
     with torch.no_grad():
         h_torch = torch_model.represent(make_batch(torch_model, users, seen, "cpu"))
         h_onnx = contract_model.represent(make_batch(contract_model, users, seen, "cpu"))
         s_torch, s_onnx = torch_model.score(h_torch), contract_model.score(h_onnx)
-    parity = {
-        "users_checked": len(users),
-        "max_abs_h_diff": float((h_onnx - h_torch).abs().max()),
-        "max_abs_score_diff": float((s_onnx - s_torch).abs().max()),
-    }
-    if parity["max_abs_h_diff"] > PARITY_TOLERANCE or parity["max_abs_score_diff"] > PARITY_TOLERANCE:
-        raise ArtifactError(f"ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE}: {parity}")
+    parity = {"users_checked": len(users), **parity_figures(h_onnx.numpy(), h_torch.numpy(), s_onnx.numpy(),
+                                                             s_torch.numpy())}  # fmt: skip
+    if past_tolerance(parity):
+        raise ArtifactError(f"ONNX Runtime and PyTorch disagree beyond {PARITY_TOLERANCE} (relative to max(1, "
+                            f"|value|)): {parity}")  # fmt: skip
     return parity
+
+
+def parity_figures(h_ours: np.ndarray, h_theirs: np.ndarray, s_ours: np.ndarray, s_theirs: np.ndarray
+                   ) -> dict[str, float]:  # fmt: skip
+    """Largest absolute differences of h and of scores, and the same relative to max(1, the reference's largest
+    |value|)."""
+    figures = {}
+    for name, ours, theirs in (("h", h_ours, h_theirs), ("score", s_ours, s_theirs)):
+        diff = float(np.abs(ours - theirs).max()) if ours.size else 0.0
+        scale = max(1.0, float(np.abs(theirs).max()) if theirs.size else 0.0)
+        figures[f"max_abs_{name}_diff"], figures[f"max_rel_{name}_diff"] = diff, diff / scale
+    return figures
+
+
+def past_tolerance(parity: dict[str, float]) -> bool:
+    """Whether `parity_figures` exceed PARITY_TOLERANCE."""
+    return max(parity["max_rel_h_diff"], parity["max_rel_score_diff"]) > PARITY_TOLERANCE
 
 
 def write_contract(model: Recommender, dataset: Dataset, seen: Ragged, folder: Path) -> dict[str, Any]:

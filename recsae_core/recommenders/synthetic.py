@@ -108,8 +108,8 @@ def _mixtures(spec: SyntheticSpec, stream: int, n: int, per_row: int, noise: flo
         others = rng.integers(0, spec.n_topics, size=(size, per_row - 1))
         chosen = np.concatenate([first[:, None], others], axis=1)
         weights = np.sort(rng.exponential(1.0, size=(size, per_row)), axis=1)[:, ::-1]
-        # Convex weights keep rows within the unit ball and scores within about [-1, 1]: with scores of ~5, float32
-        # products computed two ways (bundle parity) differ by more than the bundle's 1e-5 tolerance.
+        # Convex weights keep rows within the unit ball and scores within about [-1, 1], as a trained two-tower
+        # model's normalised towers would.
         weights /= weights.sum(axis=1, keepdims=True)
         mixed = np.einsum("rk,rkd->rd", weights, directions[chosen]) + noise * rng.normal(size=(size, spec.dim))
         end = min(start + CHUNK, n)
