@@ -143,7 +143,8 @@ def test_no_options_give_the_config_defaults(argv, options):
 
 
 RAY_COMMANDS = [["train-sae", "--run", "run"], ["sae-sweep", "--run", "run", "--out", "s.json"],
-                ["interpret", "--run", "run"], PIPELINE]  # fmt: skip
+                ["interpret", "--run", "run"], PIPELINE, ["debias", "--run", "run", "--target", "popularity"],
+                ["concept-control", "--run", "run"]]  # fmt: skip
 """The offline commands with a step that runs on a Ray cluster when one is named."""
 
 

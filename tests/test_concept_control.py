@@ -21,7 +21,6 @@ from recsae_core.concepts.control import (
     Attributes,
     Stage,
     carriers,
-    concept_control,
     effect,
     item_attributes,
     load_stage,
@@ -31,6 +30,7 @@ from recsae_core.concepts.control import (
     steered_lists,
 )
 from recsae_core.concepts.control_config import ConceptControlConfig
+from recsae_core.concepts.control_run import concept_control
 from recsae_core.concepts.samples import SampleOptions
 from recsae_core.debias.report import write_report
 from recsae_core.pipeline.cli import CONTROL_OPTIONS, build_parser, main

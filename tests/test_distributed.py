@@ -15,7 +15,6 @@ import pytest
 from _cli import cli_refusal
 from _ray_cluster import CLUSTER_ENV, copy_recommender, in_a_fresh_process
 
-from recsae_core.bundle.format import load_bundle
 from recsae_core.common.layout import PROBE_META, RunLayout
 from service.local import free_port
 
@@ -50,16 +49,6 @@ def test_probe_on_ray_writes_the_files_of_the_one_process_probe(trained_run, tmp
     mismatch = filecmp.cmpfiles(RunLayout(alone).probe, RunLayout(on_ray).probe, names, shallow=False)[1:]
     assert mismatch == ([], []), mismatch
     RunLayout(on_ray).verify_probe()
-
-
-def test_pipeline_with_a_ray_address_gives_a_bundle_the_service_loads(trained_run, tmp_path, cluster):
-    run = copy_recommender(trained_run("bprmf"), tmp_path / "run")
-    recsae = str(Path(sys.executable).with_name("recsae"))
-    in_a_fresh_process([recsae, "pipeline", "--run", str(run), "--ray-address", cluster, "--ray-workers", "2",
-                        "--latents", "64", "--k", "4", "--sae-epochs", "2", "--quiet"])  # fmt: skip
-    bundle = load_bundle(RunLayout(run).bundle)
-    assert bundle.manifest["versions"]["bundle"]
-    RunLayout(run).verify_bundle()
 
 
 SAE_ON_RAY = """

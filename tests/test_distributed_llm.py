@@ -1,5 +1,5 @@
 """The language-model labeler on Ray (issue 19): on a local cluster of two worker CPUs, joined by address from a
-process of its own, chunks of latents are labelled by Ray tasks whose clients send their requests, from two worker
+process of its own, chunks of latents are labelled by Ray actors whose clients send their requests, from two worker
 processes, to the one real llama.cpp server (SmolLM2, through a counting proxy). The labels equal the one-process
 ones; the usage of the workers is summed on the driver; a second run is served entirely from the cache the workers
 shared, bit for bit."""

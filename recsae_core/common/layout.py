@@ -7,6 +7,7 @@ The one owner of folder and file names. A run folder is:
                        config.json, metrics.json, model.onnx, items.safetensors, recipe.json,
                        item_map.csv [, user_map.csv] [, user_inputs.safetensors], data/ (the log and tables)
     RUN/probe/         meta.json, shard-*.safetensors                    (probe)
+                       or meta.json alone, the shards at --activations (a local path or a pyarrow filesystem URI)
     RUN/sae/           cfg.json, sae_weights.safetensors, latent_stats.safetensors, metrics.json   (train-sae)
     RUN/concepts/      catalog.json, report.html, llm_cache/             (interpret)
     RUN/policies/      <target>.json                                     (debias)
@@ -42,6 +43,7 @@ from recsae_core.common.artifacts import (
     sha256_file,
 )
 from recsae_core.common.errors import ArtifactError, IncompleteError
+from recsae_core.common.storage import check_shards, recorded_store
 
 CONFIG = "config.json"
 """A recommender's architecture and data context."""
@@ -67,6 +69,12 @@ METRICS = "metrics.json"
 """What a training step measured (recommender/ and sae/)."""
 PROBE_META = "meta.json"
 """The probe's sample count, width and shard list."""
+PROBE_ACTIVATIONS = "activations"
+"""Field of probe/meta.json: where the shards are when not in the probe folder (a local path or a pyarrow filesystem
+URI, common.storage); absent when they are in it."""
+PROBE_SHARD_FILES = "shard_files"
+"""Field of probe/meta.json beside PROBE_ACTIVATIONS: {shard name: {"sha256", "bytes"}}, what the folder's record
+says of the shards it holds."""
 SAE_CFG = "cfg.json"
 """The SAE's architecture (SAELens layout)."""
 SAE_WEIGHTS = "sae_weights.safetensors"
@@ -214,10 +222,14 @@ class RunLayout:
         """Probed: meta and every shard it lists recorded and intact."""
         return _passes(self.verify_probe)
 
-    def verify_probe(self) -> dict[str, Any]:
+    def verify_probe(self, activations: str | None = None) -> dict[str, Any]:
         """The probe's meta, once the folder matches its record and was made from the run's recommender, itself
-        intact. Like every check below, it checks the step's inputs too: a step is finished only on finished ones."""
+        intact; with `activations` (a ShardStore's uri), once its shards are there too. Like every check below, it
+        checks the step's inputs too: a step is finished only on finished ones."""
         meta = verify_probe_folder(self.probe)
+        if activations is not None and meta.get(PROBE_ACTIVATIONS) != activations:
+            where = meta.get(PROBE_ACTIVATIONS) or f"{self.probe}"
+            raise IncompleteError(f"{self.probe / PROBE_META}: its shards are at {where}, not at {activations}")
         if self.recommender.is_dir():
             self.verify_recommender()
         self._check_made_from(meta.get(MADE_FROM), self.probe / PROBE_META, self.recommender)
@@ -296,13 +308,18 @@ def probe_folder_complete(folder: Path) -> bool:
 
 
 def verify_probe_folder(folder: Path) -> dict[str, Any]:
-    """A probe folder's meta, once the folder matches its record and the record covers every shard the meta lists."""
+    """A probe folder's meta, once the folder matches its record and the record covers every shard the meta lists:
+    in the folder, or at the location PROBE_ACTIVATIONS names, each with the sha256 and size PROBE_SHARD_FILES
+    records (ArtifactError naming the first shard missing or changed there)."""
     files = check_record(folder, required=(PROBE_META,))
     meta = read_json(folder / PROBE_META)
     shards = meta.get("shards") if isinstance(meta, dict) else None
     if not isinstance(shards, list) or not shards:
         raise ArtifactError(f"{folder / PROBE_META}: lists no shards")
-    if missing := [name for name in shards if name not in files]:
+    if isinstance(location := meta.get(PROBE_ACTIVATIONS), str):
+        store = recorded_store(location, folder / PROBE_META)
+        check_shards(store, shards, meta.get(PROBE_SHARD_FILES), folder / PROBE_META)
+    elif missing := [name for name in shards if name not in files]:
         raise ArtifactError(f"{folder / missing[0]}: listed in {folder / PROBE_META} but not in {folder / RECORD}")
     return meta
 

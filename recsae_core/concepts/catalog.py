@@ -43,7 +43,7 @@ from recsae_core.concepts.samples import (
     top_units,
 )  # fmt: skip
 from recsae_core.concepts.scoring import Labelled, coherence_summary, label_metrics, score_latent
-from recsae_core.probe.collect import load_activations
+from recsae_core.probe.shards import ProbeShards, open_probe
 from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.runtime import SAERuntime, activation_levels
@@ -142,8 +142,8 @@ class Prepared(NamedTuple):
 
 
 def top_samples(
-    sae: SAERuntime, h: np.ndarray, users: np.ndarray, n: int, probe: Path, ray_config: RayConfig | None,
-    progress: bool, codes: sp.csc_matrix | None = None,
+    sae: SAERuntime, h: np.ndarray, users: np.ndarray, n: int, probe: Path | ProbeShards,
+    ray_config: RayConfig | None, progress: bool, codes: sp.csc_matrix | None = None,
 ) -> dict[int, np.ndarray]:  # fmt: skip
     """Every firing latent -> its top-n samples, one per user (`column_top_units`): a distributed top-k on the Ray
     cluster of `ray_config` when it names one (the same samples), else from `codes` (encoded here when not given)."""
@@ -165,7 +165,8 @@ def prepare(run_dir: Path, o: CatalogOptions, ray_config: RayConfig | None = Non
         raise ArtifactError(f"{err}; run 'recsae pipeline' (or 'recsae train-sae --run {run_dir}') first: the "
                             "catalog needs the run's recommender, probe and SAE") from None  # fmt: skip
     ctx = load_run(run_dir)
-    h, users, positions = load_activations(layout.probe)
+    probe = open_probe(layout.probe)  # once: the top samples on Ray read these shards again
+    h, users, positions = probe.read_all()
     sae = TopKSAE.load(layout.sae)
     stats = load_stats(layout.sae / STATS_FILE, sae.cfg.n_latents)
     codes = encode_sparse(SAERuntime.from_model(sae), h, progress=o.progress)
@@ -173,7 +174,7 @@ def prepare(run_dir: Path, o: CatalogOptions, ray_config: RayConfig | None = Non
     chosen, background = select_samples(codes, users, o.samples, live)
     # Coherence units: SAE latents, raw neurons, and the random-init SAE (top samples, one per user).
     hn = h.numpy()
-    top = partial(top_samples, h=hn, users=users, n=o.coherence_top, probe=layout.probe, ray_config=ray_config,
+    top = partial(top_samples, h=hn, users=users, n=o.coherence_top, probe=probe, ray_config=ray_config,
                   progress=o.progress)  # fmt: skip
     sae_top = top(SAERuntime.from_model(sae), codes=codes)
     units = {
@@ -248,12 +249,12 @@ def label_latents(
 def tfidf_labels(
     p: Prepared, o: CatalogOptions, ray_config: RayConfig | None = None
 ) -> tuple[dict[int, Labelled], dict[int, list[dict[str, Any]]]]:
-    """`label_latents` for every chosen latent: in chunks of latents as Ray tasks when `ray_config` names a cluster
+    """`label_latents` for every chosen latent: in chunks of latents on Ray actors when `ray_config` names a cluster
     (each latent's label depends on its samples alone: the same labels, in the same order)."""
     inputs = LabelInputs(p.x, p.needed, background_mean(p), len(p.background), p.space.terms, p.space.kinds)
     if ray_config is None or not ray_config.on_ray:
         return label_latents(inputs, p.chosen, o)
-    from recsae_core.concepts.on_ray import map_chunks
+    from recsae_core.common.ray_map import map_chunks
 
     parts = map_chunks(label_latents, inputs, p.chosen, ray_config, o)
     return {j: v for part in parts for j, v in part[0].items()}, {j: v for part in parts for j, v in part[1].items()}

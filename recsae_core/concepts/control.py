@@ -20,32 +20,27 @@ carries term b, primes after the edit):
   attribute term (all columns);
 - ndcg_rel_loss = (mean NDCG@10 - mean NDCG'@10) / mean NDCG@10 over U (RecBole NDCG, test targets).
 
-Written to RUN/debias/concepts.json (the debias report renders it, `recsae_core.debias.concept_report`).
+`recsae_core.concepts.control_run` measures every such concept of a catalog and writes RUN/debias/concepts.json (the
+debias report renders it, `recsae_core.debias.concept_report`).
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from recsae_core.common.artifacts import read_json, write_json
-from recsae_core.common.errors import ArtifactError
-from recsae_core.common.layout import RunLayout
 from recsae_core.concepts.control_config import ConceptControlConfig
 from recsae_core.concepts.labelers import display, slug
 from recsae_core.concepts.metadata_terms import item_term_groups
 from recsae_core.data.splits import Ragged
 from recsae_core.recommenders.batching import make_batch, mask_seen
 from recsae_core.recommenders.ranking_metrics import hit_matrix, ranking_metrics
-from recsae_core.recommenders.run import RunContext, load_run
+from recsae_core.recommenders.run import RunContext
 from recsae_core.sae.edits import Edit, EditBounds, validate_edits
 from recsae_core.sae.runtime import SAERuntime
 
@@ -309,93 +304,4 @@ def measure_concept(
         "precision": round(steer.target_drop / max(steer.collateral, PRECISION_FLOOR), 4), "dev": dev_effect.brief(),
         "oracle": {"penalty": float(f"{penalty:.6g}"), **oracle.brief(),
                    "precision": round(oracle.target_drop / max(oracle.collateral, PRECISION_FLOOR), 4)},
-    }  # fmt: skip
-
-
-def concept_control(run_dir: Path, config: ConceptControlConfig | None = None) -> dict[str, Any]:
-    """Measure every attribute-naming concept of the run's catalog; write RUN/debias/concepts.json."""
-    config = config or ConceptControlConfig()
-    started = time.perf_counter()
-    layout = RunLayout(run_dir)
-    if not layout.sae_complete():
-        raise ArtifactError(f"{run_dir}: no trained SAE here; run 'recsae train-sae --run {run_dir}' first")
-    if not layout.catalog_complete():
-        raise ArtifactError(f"{layout.catalog}: missing, or built for another SAE; run 'recsae interpret --run "
-                            f"{run_dir}' first")  # fmt: skip
-    catalog = read_json(layout.catalog)
-    ctx = load_run(run_dir)
-    ctx.model.eval()
-    runtime = SAERuntime.load(layout.sae)
-    attrs = item_attributes(ctx)
-    dev, test = load_stage(ctx, runtime, "valid"), load_stage(ctx, runtime, "test")
-    if attrs.items.shape[0] != test.scores.shape[1]:
-        raise ArtifactError(f"{run_dir}: the item table has {attrs.items.shape[0]} items, the model scores "
-                            f"{test.scores.shape[1]}")  # fmt: skip
-    measured, skipped = [], []
-    for concept in tqdm(catalog["concepts"], desc="concept control", disable=not config.progress):
-        try:
-            named = named_attribute(concept, attrs)
-            latent, label = int(concept["latent"]), str(concept["name"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArtifactError(
-                f"{layout.catalog}: a concept without a usable latent, name or terms: {err!r}"
-            ) from None
-        if not 0 <= latent < runtime.n_latents:
-            raise ArtifactError(f"{layout.catalog}: concept '{label}' has latent {latent}, outside the SAE's "
-                                f"{runtime.n_latents}")  # fmt: skip
-        if named is None:
-            continue
-        term, named_by = named
-        head = {"latent": latent, "label": label, "attribute": attrs.keys[term], "kind": attrs.kinds[term],
-                "role": attrs.roles[term], "named_by": named_by}  # fmt: skip
-        record = measure_concept(ctx, runtime, attrs, dev, test, latent, term, config)
-        if isinstance(record, str):
-            skipped.append({**head, "reason": record})
-        else:
-            measured.append({**head, **record})
-    result = {
-        "run": str(run_dir), "catalog_version": catalog.get("version"), "k": K,
-        "config": {k: v for k, v in asdict(config).items() if k != "progress"},
-        "ops": [f"{e.op} {e.value:g} {e.unit}" if e.op != "ablate" else "ablate" for e in OPS],
-        "definitions": DEFINITIONS, "concepts": measured, "skipped": skipped,
-        "summary": summarise(measured, config), "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
-    write_json(layout.concept_control, result)
-    return result
-
-
-DEFINITIONS = {
-    "users": "test users in whom the concept's latent fires (validation users for choosing the op)",
-    "target_drop": "(S_a - S'_a) / S_a: relative drop of the share of top-10 slots holding an item with attribute a",
-    "collateral": "sum_b |S'_b - S_b| / sum_b S_b over the other values b of a's column (the other genres)",
-    "collateral_all": "the same over every other item attribute term",
-    "ndcg_rel_loss": "relative NDCG@10 loss over the affected test users",
-    "oracle": "score - penalty x [item has a], penalty bisected to the smallest that removes at least as many "
-    "attribute slots as the steering",
-    "precision": f"target_drop / max(collateral, {PRECISION_FLOOR})",
-    "figure": "met when at least half the genre concepts reach target_drop >= goal with collateral <= "
-    "max_collateral and ndcg_rel_loss <= budget (the median genre concept meets all three)",
-}
-
-
-def summarise(measured: list[dict[str, Any]], config: ConceptControlConfig) -> dict[str, Any]:
-    """Medians over genre concepts and over all concepts, and whether the issue's figure is met."""
-
-    def medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        keys = ("target_drop", "collateral", "ndcg_rel_loss", "precision")
-        out: dict[str, Any] = {"n": len(rows)}
-        for k in keys:
-            out[k] = round(float(np.median([r[k] for r in rows])), 6) if rows else None
-            out[f"oracle_{k}"] = round(float(np.median([r["oracle"][k] for r in rows])), 6) if rows else None
-        return out
-
-    genre = [r for r in measured if r["role"] == GENRE_ROLE]
-    meets = [r["target_drop"] >= config.goal and r["collateral"] <= config.max_collateral
-             and r["ndcg_rel_loss"] <= config.budget for r in genre]  # fmt: skip
-    share = float(np.mean(meets)) if meets else 0.0
-    return {
-        "genre": {**medians(genre), "share_meeting_figure": round(share, 4), "met": bool(genre) and share >= 0.5},
-        "all": medians(measured),
-        "figure": {"target_drop": f">= {config.goal}", "collateral": f"<= {config.max_collateral}",
-                   "ndcg_rel_loss": f"<= {config.budget}"},
     }  # fmt: skip

@@ -2,7 +2,7 @@
 yes/no detection prompt scores the explanation on held-out samples by the probability the model gives to "Yes".
 Requests go through `recsae_core.concepts.llm_client` (any OpenAI-compatible endpoint; cached, retried, resumable).
 
-On a Ray cluster, chunks of latents are labelled by Ray tasks (`llm_label_on_ray`), each with a client of its own to
+On a Ray cluster, chunks of latents are labelled by Ray actors (`llm_label_on_ray`), each with a client of its own to
 the same endpoint and the same cache folder (on storage every node mounts): a latent's label reads its own samples
 and prompts alone, so the labels are the one-process ones; the samples are rendered on the driver and shipped as text,
 so the workers need neither the run nor its data."""
@@ -120,7 +120,7 @@ def llm_label(
     describing samples (never shown) against as many background inactive samples; nothing held out is used.
     `render(sample, level or None)` shows a sample; `levels[(latent, sample)]` gives shown samples' levels.
     A cache-only client labels just the latents whose every answer is cached. When `ray_config` names a cluster,
-    chunks of latents are labelled by Ray tasks (`llm_label_on_ray`): the same labels."""
+    chunks of latents are labelled by Ray actors (`llm_label_on_ray`): the same labels."""
     if ray_config is not None and ray_config.on_ray:
         return llm_label_on_ray(client, latents, render, levels, shown, ray_config).labels
 
@@ -184,7 +184,7 @@ def prerender(
 
 
 class ChunkJob(NamedTuple):
-    """What every Ray task labelling a chunk of latents shares (shipped once)."""
+    """What every Ray actor labelling chunks of latents shares (shipped once)."""
 
     options: LLMOptions
     """The driver's resolved options, with its checked model and an absolute cache folder."""
@@ -197,12 +197,12 @@ class ChunkJob(NamedTuple):
 
 
 class ChunkLabels(NamedTuple):
-    """One Ray task's labels, what its client used, and which process asked."""
+    """One chunk's labels, what its client used, and which process asked."""
 
     labels: dict[int, Labelled]
     """Latent -> label, for the latents of the chunk that were labelled."""
     usage: Usage
-    """Calls, cache hits, tokens and seconds of the task's client."""
+    """Calls, cache hits, tokens and seconds of the chunk's client."""
     worker: str
     """host:pid of the Ray worker."""
 
@@ -217,7 +217,7 @@ class OnRayLabels(NamedTuple):
 
 
 def label_chunk(job: ChunkJob, chunk: list[LatentSamples]) -> ChunkLabels:
-    """A Ray task: `llm_label` over a chunk of latents with a client of its own (the driver checked the endpoint)."""
+    """One chunk, on a Ray actor: `llm_label` with a client of its own (the driver checked the endpoint)."""
     from recsae_core.concepts.llm_client import LLMClient
 
     with LLMClient(job.options) as client:
@@ -229,10 +229,10 @@ def llm_label_on_ray(
     client: LLMClient, latents: list[LatentSamples], render: Callable[[int, int | None], str],
     levels: dict[tuple[int, int], int], shown: int, ray_config: RayConfig,
 ) -> OnRayLabels:  # fmt: skip
-    """`llm_label(client, ...)` with chunks of latents labelled by Ray tasks on the cluster of `ray_config`, each
+    """`llm_label(client, ...)` with chunks of latents labelled by Ray actors on the cluster of `ray_config`, each
     with a client of its own on `client`'s options (`client.check()` must have run: workers do not check) and
-    concurrency; the tasks' usage is added to `client.usage`."""
-    from recsae_core.concepts.on_ray import map_chunks
+    concurrency; the chunks' usage is added to `client.usage`."""
+    from recsae_core.common.ray_map import map_chunks
 
     if not latents:
         return OnRayLabels({}, ())

@@ -1,5 +1,5 @@
 """The concept catalog's distributed parts: each latent's top-activating samples on Ray Data, and per-latent work
-(labelling and scoring) as Ray tasks over chunks of latents.
+(labelling and scoring) over chunks of latents on an actor pool (`recsae_core.common.ray_map.map_chunks`).
 
 The top samples are a distributed top-k equal to `samples.column_top_units` over `samples.encode_sparse`'s codes,
 for every latent at once. The dataset holds one row per encoding batch, cut as `encode_sparse` cuts them, so every
@@ -8,9 +8,10 @@ rows from the probe's shards and keeps, per latent, its own top-n samples at mos
 (`samples.ranked_top_units`); Ray Data groups these candidates by latent and each group ranks them once more. A
 sample of a latent's global top-n is the best of its user and has fewer than n better users, in its batch too: it is
 among its batch's candidates, so the answer is exactly the one-process one (ties: the lower sample id first, on both
-paths). Workers read the probe folder, so on a cluster it must be on storage every node mounts.
+paths). The actors get the verified probe's shards (`probe.shards.ProbeShards`: in the run folder, on storage every
+node mounts, or at the local path or pyarrow filesystem URI the probe wrote them to) and read only their rows.
 
-Labelling and scoring a latent reads its own samples alone, so chunks of latents labelled by Ray tasks give the
+Labelling and scoring a latent reads its own samples alone, so chunks of latents labelled by Ray actors give the
 one-process labels, merged back in latent order.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,23 +26,21 @@ from recsae_core.common.errors import ConfigError
 from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
 from recsae_core.concepts.samples import ranked_top_units
 from recsae_core.probe.collect import batch_bounds
+from recsae_core.probe.shards import ProbeShards, as_probe
 from recsae_core.sae.runtime import SAERuntime
-from recsae_core.sae.stats_on_ray import ShardRows
-
-T = TypeVar("T")
 
 
 class TopActor:
     """One Ray actor: the SAE and the samples' users (shipped once) and the probe's shards; a batch of rows -> each
     latent's top-n candidates among them."""
 
-    def __init__(self, sae: SAERuntime, folder: str, users: np.ndarray, n: int) -> None:
-        self.sae, self.rows, self.users, self.n = sae, ShardRows(Path(folder)), users, n
+    def __init__(self, sae: SAERuntime, probe: ProbeShards, users: np.ndarray, n: int) -> None:
+        self.sae, self.probe, self.users, self.n = sae, probe, users, n
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts = []
         for start, end in zip(batch["start"], batch["end"], strict=True):
-            codes = self.sae.encode(self.rows.read(int(start), int(end)))
+            codes = self.sae.encode(self.probe.read_rows(int(start), int(end)))
             keep = codes.values > 0  # as encode_sparse keeps them
             triples = (codes.indices[keep].astype(np.int64), np.nonzero(keep)[0] + int(start), codes.values[keep])
             pick = ranked_top_units(*triples, self.users, self.n)
@@ -62,26 +60,27 @@ def top_of_group(users: np.ndarray, n: int) -> Callable[[dict[str, np.ndarray]],
 
 
 def top_units_on_ray(
-    sae: SAERuntime, probe_folder: Path, users: np.ndarray, n: int, ray_config: RayConfig, batch_size: int = 4096
-) -> dict[int, np.ndarray]:
+    sae: SAERuntime, probe: Path | ProbeShards, users: np.ndarray, n: int, ray_config: RayConfig,
+    batch_size: int = 4096,
+) -> dict[int, np.ndarray]:  # fmt: skip
     """Every firing latent -> `column_top_units(encode_sparse(sae, h, batch_size), users, latent, n)`, computed on
-    the Ray cluster of `ray_config` from the probe's shards (`users`: each probe sample's user)."""
+    the Ray cluster of `ray_config` from a probe's shards (its folder, or its shards already verified; `users`: each
+    probe sample's user)."""
     import ray.data
 
     if ray_config.address is None:
         raise ConfigError("top_units_on_ray needs a Ray address (RayConfig.address)")
     if n < 1 or batch_size < 1:
         raise ConfigError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-    folder = Path(probe_folder).resolve()
-    rows = ShardRows(folder)
-    if rows.n_rows != len(users):
-        raise ConfigError(f"{len(users)} users given for a probe of {rows.n_rows} samples")
+    probe = as_probe(probe)
+    if probe.n_rows != len(users):
+        raise ConfigError(f"{len(users)} users given for a probe of {probe.n_rows} samples")
     workers = workers_for(ray_config, connect(ray_config.address))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    bounds = [{"start": a, "end": b} for a, b in batch_bounds(rows.n_rows, batch_size)]
+    bounds = [{"start": a, "end": b} for a, b in batch_bounds(probe.n_rows, batch_size)]
     users = np.asarray(users, dtype=np.int64)
     dataset = ray.data.from_items(bounds, override_num_blocks=min(len(bounds), 4 * workers))
-    candidates = dataset.map_batches(TopActor, fn_constructor_args=(sae, str(folder), users, n), batch_size=1,
+    candidates = dataset.map_batches(TopActor, fn_constructor_args=(sae, probe, users, n), batch_size=1,
                                      compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)  # fmt: skip
     ranked = candidates.groupby("latent").map_groups(top_of_group(users, n), batch_format="numpy")
     found: dict[int, list[tuple[int, int]]] = {}
@@ -89,19 +88,3 @@ def top_units_on_ray(
         for latent, sample, rank in zip(block["latent"], block["sample"], block["rank"], strict=True):
             found.setdefault(int(latent), []).append((int(rank), int(sample)))
     return {j: np.asarray([s for _, s in sorted(found[j])], dtype=np.int64) for j in sorted(found)}
-
-
-def map_chunks(
-    fn: Callable[..., T], shared: Any, items: list[Any], ray_config: RayConfig, *args: Any
-) -> list[T]:  # fmt: skip
-    """[fn(shared, chunk, *args) for each contiguous chunk of `items`] as Ray tasks of one CPU each, a few chunks per
-    worker; `shared` goes once into the object store. Results in chunk order."""
-    import ray
-
-    if ray_config.address is None:
-        raise ConfigError("map_chunks needs a Ray address (RayConfig.address)")
-    workers = workers_for(ray_config, connect(ray_config.address))
-    bounds = batch_bounds(len(items), max(1, -(-len(items) // (4 * workers))))
-    task = ray.remote(num_cpus=1)(fn)
-    ref = ray.put(shared)
-    return ray.get([task.remote(ref, items[a:b], *args) for a, b in bounds])

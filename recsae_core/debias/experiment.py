@@ -2,7 +2,15 @@
 number of strengths, choose each one's operating point on validation, compare the fronts at equal test NDCG loss with
 paired-bootstrap intervals, and write RUN_DIR/debias/<name>.json, RUN_DIR/debias/report.html and, for the steering
 family chosen on validation, RUN_DIR/policies/<name>.json, where <name> is the target's file name
-(`recsae_core.debias.targets`: 'popularity', 'gender', 'attribute-occupation-student')."""
+(`recsae_core.debias.targets`: 'popularity', 'gender', 'attribute-occupation-student').
+
+On a Ray cluster (`ray_config`), the two maps of independent measurements run on an actor pool that receives the
+shared state once (`recsae_core.common.ray_map`; the run itself travels as its folder,
+`recsae_core.recommenders.run_on_ray`): the causal screen, one discovery per item (`screen.screen_latent`), and the
+sweep, one (method, strength) point per item (`measure.sweep_point`). Each item reads only state fixed before its
+map and changes none, so the report is the one-process one (tests/test_distributed_debias.py). What combines items
+stays here: the association, fitting the methods, selection, the operating points (one dev measurement per method,
+against the sweep's 16 per method by default: not worth starting a third pool) and the report."""
 
 from __future__ import annotations
 
@@ -12,16 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from recsae_core.common.artifacts import read_json, write_json, write_json_recorded
 from recsae_core.common.errors import ConfigError
 from recsae_core.common.layout import STATS_FILE, RunLayout
+from recsae_core.common.ray_cluster import RayConfig
+from recsae_core.common.ray_map import item_map
 from recsae_core.debias import policy_kinds
 from recsae_core.debias.bias_metrics import HEAD_DEFINITION, head_mask
 from recsae_core.debias.bootstrap import LEVEL, N_BOOT, PointReplicates
 from recsae_core.debias.fronts import LOSSES, comparison
-from recsae_core.debias.measure import StageMeasure, values, with_intervals
+from recsae_core.debias.measure import StageMeasure, SweepStages, sweep_point, values, with_intervals
 from recsae_core.debias.methods import Method, Setup, build_methods
 from recsae_core.debias.report import write_report
 from recsae_core.debias.screen import Evaluator, K, find_latents, made_for, objective, policy_document, stage_data
@@ -30,6 +39,7 @@ from recsae_core.debias.sweeps import SWEEP_POINTS
 from recsae_core.debias.targets import Target, parse_target, user_groups
 from recsae_core.debias.verdict import FAIRNESS_METRICS, POPULARITY_METRICS, bands, fairness_verdict, popularity_verdict
 from recsae_core.recommenders.run import RunContext, load_run
+from recsae_core.recommenders.run_on_ray import RUN_BY_FOLDER
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.runtime import SAERuntime
 from recsae_core.sae.stats import load_stats
@@ -64,7 +74,7 @@ class Swept:
 def run_debias(
     run_dir: Path, target: str, budget: float = 0.02, fdr: float = 0.05, max_candidates: int = 24,
     progress: bool = True, log: Callable[[str], None] = print, sweep_points: int = SWEEP_POINTS,
-    bootstrap: int = N_BOOT, seed: int = 0,
+    bootstrap: int = N_BOOT, seed: int = 0, ray_config: RayConfig | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """See recsae_core.debias.experiment.debias."""
     parsed = parse_target(target)
@@ -75,6 +85,7 @@ def run_debias(
     if bootstrap < 0:
         raise ConfigError(f"--bootstrap is a number of resamples (0 = no intervals), got {bootstrap}")
     started = time.perf_counter()
+    each = item_map(ray_config, RUN_BY_FOLDER)  # the screen's and the sweep's independent measurements
     ctx = load_run(run_dir)
     groups = user_groups(ctx.dataset, parsed) if parsed.fairness else None  # refuse before any heavy work
     ctx.model.eval()
@@ -90,17 +101,16 @@ def run_debias(
     dev, test = StageMeasure(dev_ev, bootstrap, seed), StageMeasure(test_ev, bootstrap, seed + 1)
     log(f"original test metrics: {values(test.original)}")
     assoc, candidates = find_latents(dev_ev, runtime, parsed, values(dev.original), fdr, max_candidates,
-                                     progress=progress)  # fmt: skip
+                                     progress=progress, each=each)  # fmt: skip
     log(f"{int(assoc.significant.sum())} latents pass BH at FDR {fdr}; {len(candidates)} reduce the bias on dev")
     methods = build_methods(Setup(ctx, runtime, parsed, dev_ev, candidates, sweep_points))
     swept = [Swept(m) for m in methods]
-    total = sum(len(m.strengths) for m in methods)
-    with tqdm(total=total, desc=f"sweep ({target})", disable=not progress) as bar:
-        for s in swept:
-            for strength in s.method.strengths:
-                s.dev.append(dev.measure(s.method.lists(dev_ev, float(strength)), replicates=False))
-                s.test.append(test.measure(s.method.lists(test_ev, float(strength))))
-                bar.update()
+    points = [(i, float(strength)) for i, m in enumerate(methods) for strength in m.strengths]
+    measured = each(sweep_point, SweepStages(methods, dev, test), points, desc=f"sweep ({target})",
+                    progress=progress)  # fmt: skip
+    for (i, _), (dev_point, test_point) in zip(points, measured, strict=True):
+        swept[i].dev.append(dev_point)
+        swept[i].test.append(test_point)
     for s in swept:
         select(s, parsed, budget, dev.original)
     steering = best_steering(swept, parsed)
@@ -278,7 +288,7 @@ def concept_names(layout: RunLayout) -> dict[int, str]:
 def debias(
     run_dir: Path, target: str, budget: float = 0.02, fdr: float = 0.05, max_candidates: int = 24,
     progress: bool = True, log: Callable[[str], None] = print, sweep_points: int = SWEEP_POINTS,
-    bootstrap: int = N_BOOT,
+    bootstrap: int = N_BOOT, ray_config: RayConfig | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Fit and sweep every method of `target`, choose operating points on validation within `budget` relative
     NDCG@10 loss, compare the fronts on test with `bootstrap` paired resamples (0: no intervals), and write
@@ -286,5 +296,7 @@ def debias(
     steering family has a point within the budget). Returns the report dict.
 
     `target`: 'popularity', 'gender' or 'attribute:COLUMN=VALUE' (see `recsae_core.debias.targets`); <name> is
-    its file name."""
-    return run_debias(run_dir, target, budget, fdr, max_candidates, progress, log, sweep_points, bootstrap)
+    its file name. With `ray_config` naming a cluster, the causal screen and the sweep's points are measured on it
+    (module docstring); the report is the one-process one."""
+    return run_debias(run_dir, target, budget, fdr, max_candidates, progress, log, sweep_points, bootstrap,
+                      ray_config=ray_config)  # fmt: skip

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from recsae_core.debias.bias_metrics import leakage_scores, ndcg_at_k
 from recsae_core.debias.bootstrap import PointReplicates, Resamples, measure_point, resample_users, summary
+from recsae_core.debias.methods import Method
 from recsae_core.debias.screen import Evaluator
 
 
@@ -39,6 +40,26 @@ class StageMeasure:
         scores = None if group is None else leakage_scores(topk, group, self.n_items)
         resamples = self.resamples if replicates else self._none
         return measure_point(topk, ndcg, self.original_ndcg, self.context, resamples, scores)
+
+
+class SweepStages(NamedTuple):
+    """What measuring a sweep point needs, the same for every point (shipped once to each actor of a Ray map)."""
+
+    methods: list[Method]
+    """The fitted methods."""
+    dev: StageMeasure
+    """The validation stage."""
+    test: StageMeasure
+    """The test stage, with its resamples."""
+
+
+def sweep_point(stages: SweepStages, point: tuple[int, float]) -> tuple[PointReplicates, PointReplicates]:
+    """Method `point[0]` at strength `point[1]`: its lists measured on dev without resamples (selection reads the
+    values alone) and on test with them. A point reads only the fitted method and the two stages, and changes none of
+    them, so the points may be measured in any order, anywhere (`common.ray_map.item_map`)."""
+    method, strength = stages.methods[point[0]], point[1]
+    dev = stages.dev.measure(method.lists(stages.dev.ev, strength), replicates=False)
+    return dev, stages.test.measure(method.lists(stages.test.ev, strength))
 
 
 def values(point: PointReplicates) -> dict[str, float]:

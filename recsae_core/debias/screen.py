@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from scipy import stats as sps
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from recsae_core.common.artifacts import read_json, sha256_file
 from recsae_core.common.errors import ConfigError
 from recsae_core.common.layout import SAE_WEIGHTS, RunLayout
+from recsae_core.common.ray_map import ItemMap, map_here
 from recsae_core.data.splits import Stage
 from recsae_core.debias.bias_metrics import leakage_auc, leakage_scores, list_metrics, metric_context, ndcg_at_k
 from recsae_core.debias.rerank import cohens_d
@@ -236,36 +236,68 @@ def screen_edits(latent: int, d: float, target: Target, mean_std: float) -> list
     return [Edit(latent, "pin", round(mean_std, 6), "std")]
 
 
+class Screen(NamedTuple):
+    """What screening a latent needs, the same for every latent (shipped once to each actor of a Ray map)."""
+
+    ev: Evaluator
+    """The dev stage."""
+    sae: SAERuntime
+    """The SAE as served."""
+    target: Target
+    """The bias target."""
+    original: dict[str, float]
+    """The original lists' dev metrics."""
+    loss_floor: float
+    """Relative NDCG loss below this counts as this in a candidate's efficiency."""
+
+
+class ScreenItem(NamedTuple):
+    """A discovery to screen."""
+
+    latent: int
+    """Latent index."""
+    d: float
+    """Its Cohen's d."""
+    mean_std: float
+    """Its dev mean activation in std units (the value fairness pins hold it at)."""
+
+
 def find_latents(
     ev: Evaluator, sae: SAERuntime, target: Target, original: dict[str, float], q: float = 0.05,
-    max_candidates: int = 24, loss_floor: float = 0.005, progress: bool = True,
+    max_candidates: int = 24, loss_floor: float = 0.005, progress: bool = True, each: ItemMap = map_here,
 ) -> tuple[LatentAssociation, list[Candidate]]:  # fmt: skip
     """BH-controlled association on dev, then the causal screen of the strongest discoveries, ranked by bias
-    reduction per unit of relative NDCG@10 lost (only latents that reduce the bias are kept)."""
+    reduction per unit of relative NDCG@10 lost (only latents that reduce the bias are kept). Each discovery is
+    screened on its own (`screen_latent`), so `each` may run them anywhere (`common.ray_map.item_map`)."""
     z = sae.encode(ev.data.h.numpy()).dense(sae.n_latents)
     group_a, group_b = contrast_groups(ev, target)
     assoc = associate(z, group_a, group_b, q)
     std = sae.stats.std_activation.numpy()
     found = np.flatnonzero(assoc.significant & (std > 0))
     found = found[np.argsort(-np.abs(assoc.d[found]))][:max_candidates]
-    base = objective(original, target)
-    candidates: list[Candidate] = []
-    for latent in tqdm(found, desc=f"causal screen ({target.spec})", disable=not progress):
-        mean_std = float(z[:, latent].mean() / std[latent])
-        best: Candidate | None = None
-        for edit in screen_edits(int(latent), float(assoc.d[latent]), target, mean_std):
-            metrics = ev.steer(policy_transform(sae, [edit]))
-            drop = base - objective(metrics, target)
-            drop = drop / base if not target.fairness and base > 0 else drop
-            loss = rel_loss(metrics, original)
-            gap = metrics["ndcg_gap"] - original["ndcg_gap"] if target.fairness else 0.0
-            cand = Candidate(int(latent), edit, drop, loss, drop / max(loss, loss_floor), gap)
-            if best is None or cand.efficiency > best.efficiency:
-                best = cand
-        if best is not None and best.bias_drop > 0:
-            candidates.append(best)
+    items = [ScreenItem(int(j), float(assoc.d[j]), float(z[:, j].mean() / std[j])) for j in found]
+    screened = each(screen_latent, Screen(ev, sae, target, original, loss_floor), items,
+                    desc=f"causal screen ({target.spec})", progress=progress)  # fmt: skip
+    candidates = [c for c in screened if c is not None]
     candidates.sort(key=lambda c: -c.efficiency)
     return assoc, candidates
+
+
+def screen_latent(screen: Screen, item: ScreenItem) -> Candidate | None:
+    """A discovery's most efficient unit-strength edit on dev, or None when no edit of it reduces the bias."""
+    target, original = screen.target, screen.original
+    base = objective(original, target)
+    best: Candidate | None = None
+    for edit in screen_edits(item.latent, item.d, target, item.mean_std):
+        metrics = screen.ev.steer(policy_transform(screen.sae, [edit]))
+        drop = base - objective(metrics, target)
+        drop = drop / base if not target.fairness and base > 0 else drop
+        loss = rel_loss(metrics, original)
+        gap = metrics["ndcg_gap"] - original["ndcg_gap"] if target.fairness else 0.0
+        cand = Candidate(item.latent, edit, drop, loss, drop / max(loss, screen.loss_floor), gap)
+        if best is None or cand.efficiency > best.efficiency:
+            best = cand
+    return best if best is not None and best.bias_drop > 0 else None
 
 
 def fit_weights(

@@ -13,6 +13,7 @@ from recsae_core.common.cli_config import ConfigOptions, Typed, typed
 from recsae_core.common.errors import ConfigError, RecsaeError
 from recsae_core.common.ranges import non_negative_int, positive_float, positive_int
 from recsae_core.common.ray_cluster import RayConfig
+from recsae_core.common.storage import ProbeStorage, ShardStore
 from recsae_core.concepts.control_config import ConceptControlConfig
 from recsae_core.debias.sweeps import SWEEP_POINTS
 from recsae_core.recommenders.config import TrainConfig
@@ -47,11 +48,15 @@ CONTROL_OPTIONS = ConfigOptions(ConceptControlConfig, {
 })  # fmt: skip
 """concept-control's options."""
 RAY_OPTIONS = ConfigOptions(RayConfig, {"address": "--ray-address", "workers": "--ray-workers"})
-"""Where the distributed steps run (train-sae, sae-sweep, interpret and pipeline: the probe on Ray Data, the SAE on
-Ray Train, its statistics and the catalog's top samples on Ray Data, the catalog's labels as Ray tasks)."""
+"""Where the distributed steps run (train-sae, sae-sweep, interpret, pipeline, debias and concept-control: the probe
+on Ray Data, the SAE on Ray Train, its statistics and the catalog's top samples on Ray Data, the catalog's labels,
+debias's causal screen and sweep points and concept-control's concepts on actor pools)."""
 PIPELINE_SAE_OPTIONS = SAE_OPTIONS.without("device", "progress")
 SWEEP_SAE_OPTIONS = SAE_OPTIONS.without("n_latents", "k")
-IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work")
+PROBE_OPTIONS = ConfigOptions(ProbeStorage, {"activations": "--activations"})
+"""Where the probe's shards go (the commands that probe: train-sae, pipeline, bundle --import-onnx); later steps read
+the location from RUN/probe/meta.json."""
+IMPORT_ONLY = ("item_embeddings", "items", "user_inputs", "name", "work", "activations")
 """bundle options that only apply with --import-onnx."""
 
 
@@ -117,6 +122,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     sae.add_argument("--run", required=True, type=Path, help="run folder with a trained recommender")
     SAE_OPTIONS.add_to(sae)
     RAY_OPTIONS.add_to(sae)
+    PROBE_OPTIONS.add_to(sae)
 
     bundle = sub.add_parser("bundle", help="write the verified bundle the service loads")
     bundle.add_argument("--run", type=Path, help="run folder (recommender + SAE) to bundle")
@@ -139,6 +145,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
         "--work", type=Path, action=Typed, help="folder for the import's probe and SAE (default OUT.work)"
     )
     SAE_OPTIONS.add_to(bundle)
+    PROBE_OPTIONS.add_to(bundle)
 
     interpret = sub.add_parser("interpret", help="name, describe and score every live SAE latent (concept catalog)")
     interpret.add_argument("--run", required=True, type=Path, help="run folder with probe/ and sae/")
@@ -189,6 +196,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     pipe.add_argument("--force", action="store_true", help="redo every step")
     PIPELINE_SAE_OPTIONS.add_to(pipe)
     RAY_OPTIONS.add_to(pipe)
+    PROBE_OPTIONS.add_to(pipe)
     sweep = sub.add_parser("sae-sweep", help="benchmark the SAE k / width trade-off on a probed run")
     sweep.add_argument("--run", required=True, type=Path)
     sweep.add_argument("--ks", default="4,8,16,32", help="comma-separated k values")
@@ -209,11 +217,13 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
                      help="resamples of the paired bootstrap over users behind every 95%% interval (default: "
                           "recsae_core.debias.bootstrap.N_BOOT, 1000; 0 = no intervals)")  # fmt: skip
     deb.add_argument("--quiet", action="store_true", help="no progress bars")
+    RAY_OPTIONS.add_to(deb)
     control = sub.add_parser("concept-control", help="ablate each concept that names an item attribute (genre, "
                              "...) and measure the attribute's drop, collateral and NDCG loss against an oracle "
                              "re-ranker: RUN/debias/concepts.json and the debias report")  # fmt: skip
     control.add_argument("--run", required=True, type=Path, help="run folder with recommender, SAE and catalog")
     CONTROL_OPTIONS.add_to(control)
+    RAY_OPTIONS.add_to(control)
     if extend is not None:
         extend(sub)
     return parser
@@ -235,6 +245,16 @@ def ray_config(args: argparse.Namespace) -> RayConfig:
     if not config.on_ray and "--ray-workers" in RAY_OPTIONS.typed(args):
         raise ConfigError("--ray-workers only applies with --ray-address (or $RAY_ADDRESS)")
     return config
+
+
+def activations_store(args: argparse.Namespace, run: Path | None = None) -> ShardStore | None:
+    """Where the probe of `run` writes its shards (None: RUN/probe), resolved and checked writable before any work
+    starts."""
+    from recsae_core.common.layout import RunLayout
+    from recsae_core.common.storage import open_store
+
+    location = PROBE_OPTIONS.build(args).activations
+    return None if location is None else open_store(location, None if run is None else RunLayout(run).probe)
 
 
 def sae_config(args: argparse.Namespace, options: ConfigOptions = SAE_OPTIONS, **fixed: Any) -> SAETrainConfig:
@@ -289,7 +309,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
     from recsae_core.pipeline.steps import probe_step, sae_step
 
     config, ray = sae_config(args), ray_config(args)
-    probe_step(args.run, config.progress, ray)
+    probe_step(args.run, config.progress, ray, activations_store(args, args.run))
     metrics = sae_step(args.run, config, ray)
     keys = ("fvu", "dead_fraction", "seconds", "ndcg@10", "passthrough_identical_top10_fraction")
     print(json.dumps({k: metrics[k] for k in keys}))
@@ -309,7 +329,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             raise ConfigError(f"--import-onnx also needs {flags}")
         result = import_onnx(
             args.import_onnx, args.item_embeddings, args.items, args.user_inputs, args.out, sae_config(args),
-            name=args.name, work=args.work,
+            name=args.name, work=args.work, activations=activations_store(args),
         )  # fmt: skip
         print(json.dumps(result))
         return 0
@@ -386,12 +406,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise ConfigError(f"{needs}; missing {', '.join(missing)}")
     train = TRAIN_OPTIONS.build(args)
     sae = sae_config(args, PIPELINE_SAE_OPTIONS, device=train.device, progress=train.progress)
-    ray = ray_config(args)
+    ray, activations = ray_config(args), activations_store(args, args.run or args.out)
     if args.run is not None:
-        summary = pipeline_on_run(args.run, sae, force=args.force, ray_config=ray)
+        summary = pipeline_on_run(args.run, sae, force=args.force, ray_config=ray, activations=activations)
     else:
         summary = run_pipeline(args.out, args.dataset, args.model, args.protocol, train, sae, force=args.force,
-                               ray_config=ray)  # fmt: skip
+                               ray_config=ray, activations=activations)  # fmt: skip
     print(json.dumps({"run": str(args.run or args.out), "steps": list(summary)}))
     return 0
 
@@ -412,10 +432,10 @@ def cmd_sae_sweep(args: argparse.Namespace) -> int:
 @command("concept-control")
 def cmd_concept_control(args: argparse.Namespace) -> int:
     from recsae_core.common.layout import REPORT, RunLayout
-    from recsae_core.concepts.control import concept_control
+    from recsae_core.concepts.control_run import concept_control
     from recsae_core.debias.report import write_report
 
-    result = concept_control(args.run, CONTROL_OPTIONS.build(args))
+    result = concept_control(args.run, CONTROL_OPTIONS.build(args), ray_config(args))
     layout = RunLayout(args.run)
     write_report(layout.debias)
     print(json.dumps({"concepts": str(layout.concept_control), "report": str(layout.debias / REPORT),
@@ -440,7 +460,7 @@ def cmd_debias(args: argparse.Namespace) -> int:
     result = debias(
         args.run, args.target, args.budget, fdr=args.fdr, max_candidates=args.candidates, progress=not args.quiet,
         log=lambda message: print(message, file=sys.stderr), sweep_points=args.sweep_points,
-        bootstrap=N_BOOT if args.bootstrap is None else args.bootstrap,
+        bootstrap=N_BOOT if args.bootstrap is None else args.bootstrap, ray_config=ray_config(args),
     )  # fmt: skip
     keys = ("policy", "kind", "method", "version", "strength", "ndcg_rel_loss", "metrics")
     chosen = result.get("chosen") or {}

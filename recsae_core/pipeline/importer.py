@@ -16,6 +16,7 @@ from recsae_core.bundle.export import contents_from_onnx
 from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.artifacts import atomic_folder, write_json
 from recsae_core.common.layout import METRICS, STATS_FILE, RunLayout
+from recsae_core.common.storage import ShardStore
 from recsae_core.probe.collect import collect_onnx, load_activations
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import latent_statistics, save_stats
@@ -31,14 +32,16 @@ def import_onnx(
     config: SAETrainConfig,
     name: str = "imported",
     work: Path | None = None,
+    activations: ShardStore | None = None,
 ) -> dict[str, Any]:
     """Build a bundle around an outside model, its SAE trained as `config` says. Without ground-truth interactions
     the SAE is selected on held-out reconstruction (FVU) instead of dev NDCG; every other setting applies as in a
-    run (the tolerance then ties checkpoints on FVU itself, so the better reconstruction wins either way)."""
+    run (the tolerance then ties checkpoints on FVU itself, so the better reconstruction wins either way). The
+    probe's shards go to `activations` when given, else into the work folder's probe/."""
     layout = RunLayout(work or out.with_name(out.name + ".work"))  # the import's probe and SAE, as in a run
     # Validate every input file before spending minutes on the probe and the SAE.
     contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, layout.sae, name)
-    collect_onnx(onnx_path, user_inputs_path, layout.probe, progress=config.progress)
+    collect_onnx(onnx_path, user_inputs_path, layout.probe, progress=config.progress, activations=activations)
     activations, _, _ = load_activations(layout.probe)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(activations), generator=generator)

@@ -14,8 +14,10 @@ from recsae_core.common.artifacts import atomic_folder, read_json, write_json
 from recsae_core.common.errors import ArtifactError, IncompleteError
 from recsae_core.common.layout import CONFIG, MADE_FROM, METRICS, STATS_FILE, RunLayout
 from recsae_core.common.ray_cluster import RayConfig
+from recsae_core.common.storage import ShardStore
 from recsae_core.concepts.catalog import concepts_step
-from recsae_core.probe.collect import collect, load_activations
+from recsae_core.probe.collect import collect
+from recsae_core.probe.shards import probe_shards
 from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.run import add_contract, load_run, train_step
 from recsae_core.sae.config import SAETrainConfig
@@ -23,18 +25,21 @@ from recsae_core.sae.fit import fit_sae
 from recsae_core.sae.stats import save_stats
 
 
-def probe_step(run_dir: Path, progress: bool = True, ray_config: RayConfig | None = None) -> dict[str, Any]:
+def probe_step(
+    run_dir: Path, progress: bool = True, ray_config: RayConfig | None = None, activations: ShardStore | None = None
+) -> dict[str, Any]:
     """Probe the run's recommender into RUN_DIR/probe: in this process, or on the Ray cluster of `ray_config` (the
-    same files either way)."""
+    same files either way); the shards to `activations` (a local path or pyarrow filesystem URI) when given."""
     ctx = load_run(run_dir)  # first: it gives a run trained before contracts its contract
     RunLayout(run_dir).verify_recommender()
     if ray_config is not None and ray_config.on_ray:
         from recsae_core.probe.on_ray import collect_on_ray
 
-        result = collect_on_ray(ctx, ray_config, progress=progress)
+        result = collect_on_ray(ctx, ray_config, progress=progress, activations=activations)
     else:
-        result = collect(ctx, progress=progress)
-    return {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
+        result = collect(ctx, progress=progress, activations=activations)
+    summary = {"n_samples": result.n_samples, "d": result.d, "shards": len(result.shards)}
+    return summary if result.activations is None else {**summary, "activations": result.activations}
 
 
 def sae_step(run_dir: Path, config: SAETrainConfig, ray_config: RayConfig | None = None) -> dict[str, Any]:
@@ -42,14 +47,15 @@ def sae_step(run_dir: Path, config: SAETrainConfig, ray_config: RayConfig | None
     latent statistics computed on Ray Data when `ray_config` names a cluster)."""
     layout = RunLayout(run_dir)
     try:
-        layout.verify_probe()  # and the recommender it was made from
+        meta = layout.verify_probe()  # and the recommender it was made from
     except IncompleteError as err:
         raise ArtifactError(f"{layout.probe}: no complete probe ({err}); run 'recsae pipeline' or the probe step "
                             "first") from None  # fmt: skip
     ctx = load_run(run_dir, device="cpu")
     made_from = layout.made_from(layout.probe)
-    activations, _, _ = load_activations(layout.probe)
-    fitted = fit_sae(ctx, activations, config, ray_config, layout.probe)
+    probe = probe_shards(layout.probe, meta)  # verified just above, wherever its shards are
+    activations, _, _ = probe.read_all()
+    fitted = fit_sae(ctx, activations, config, ray_config, probe)
     fitted.metrics[MADE_FROM] = made_from
     with atomic_folder(layout.sae) as folder:
         fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
@@ -90,13 +96,19 @@ ArtifactError naming a file whose bytes changed since), and how to run it."""
 
 
 def steps_after_recommender(
-    run_dir: Path, sae_config: SAETrainConfig, ray_config: RayConfig | None = None
-) -> list[Step]:
+    run_dir: Path, sae_config: SAETrainConfig, ray_config: RayConfig | None = None,
+    activations: ShardStore | None = None,
+) -> list[Step]:  # fmt: skip
     """probe -> sae -> concepts -> bundle: the same for a recommender trained here and one imported (the probe, the
-    SAE with its statistics, and the catalog's top samples and labels on Ray when `ray_config` names a cluster)."""
+    SAE with its statistics, and the catalog's top samples and labels on Ray when `ray_config` names a cluster). With
+    `activations`, a probe whose shards are elsewhere is redone there; without, a complete probe is kept wherever
+    its shards are, and a probe redone writes them into RUN_DIR/probe."""
     layout = RunLayout(run_dir)
+    where = None if activations is None else activations.uri
+    probe: Step = ("probe", lambda: layout.verify_probe(where),
+                   lambda: probe_step(run_dir, sae_config.progress, ray_config, activations))  # fmt: skip
     return [
-        ("probe", layout.verify_probe, lambda: probe_step(run_dir, sae_config.progress, ray_config)),
+        probe,
         ("sae", layout.verify_sae, lambda: sae_step(run_dir, sae_config, ray_config)),
         ("concepts", layout.verify_catalog, lambda: concepts_step(run_dir, sae_config.progress, ray_config)),
         ("bundle", layout.verify_bundle, lambda: bundle_step(run_dir)),
@@ -139,8 +151,10 @@ def run_pipeline(
     force: bool = False,
     log: Callable[[str], None] = print,
     ray_config: RayConfig | None = None,
+    activations: ShardStore | None = None,
 ) -> dict[str, Any]:
-    """Train `model` on `dataset` into a new or matching run, then every later step (`run_steps`)."""
+    """Train `model` on `dataset` into a new or matching run, then every later step (`run_steps`; the probe's
+    shards to `activations` when given: `steps_after_recommender`)."""
     layout = RunLayout(run_dir)
     layout.remove_stale_temps()
     if layout.needs_contract():  # trained before runs carried a contract: add it, never retrain for it
@@ -161,15 +175,15 @@ def run_pipeline(
             )
     train: Step = ("recommender", layout.verify_recommender,
                    lambda: train_step(run_dir, dataset, model, protocol, train_config))  # fmt: skip
-    return run_steps([train, *steps_after_recommender(run_dir, sae_config, ray_config)], force, log)
+    return run_steps([train, *steps_after_recommender(run_dir, sae_config, ray_config, activations)], force, log)
 
 
 def pipeline_on_run(
     run_dir: Path, sae_config: SAETrainConfig, force: bool = False, log: Callable[[str], None] = print,
-    ray_config: RayConfig | None = None,
+    ray_config: RayConfig | None = None, activations: ShardStore | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every step after the recommender on an existing run, trained here or imported (`force` redoes them all,
-    never the recommender itself)."""
+    never the recommender itself; the probe's shards to `activations` when given)."""
     RunLayout(run_dir).remove_stale_temps()
     if RunLayout(run_dir).needs_contract():
         add_contract(run_dir)
@@ -178,4 +192,4 @@ def pipeline_on_run(
     except IncompleteError:
         hint = "'recsae import' one, or train one with 'recsae pipeline --dataset D --model M --out RUN_DIR'"
         raise ArtifactError(f"{RunLayout(run_dir).recommender}: no complete recommender here; {hint}") from None
-    return run_steps(steps_after_recommender(run_dir, sae_config, ray_config), force, log)
+    return run_steps(steps_after_recommender(run_dir, sae_config, ray_config, activations), force, log)

@@ -5,7 +5,9 @@ written by the driver into the same shards.
 The dataset holds one row per probe batch, its [start, end) over the probe's samples, so every h comes out of the
 same batch of the same model as in one process: the shards are byte for byte those of `collect.collect` (tested).
 Ray Data keeps the order (`preserve_order`); each batch carries its index, and the driver refuses any other order.
-Workers read the run folder, so on a cluster it must be on storage every node mounts.
+Workers read the run folder, so on a cluster it must be on storage every node mounts; the driver writes the shards
+there too, or to the local path or pyarrow filesystem URI given (`activations`), from which the later steps' workers
+read them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from recsae_core.common.errors import ConfigError
 from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.common.storage import ShardStore
 from recsae_core.probe.collect import ProbeResult, batch_bounds, probe_batch, sample_index, write_probe
 from recsae_core.recommenders.run import RunContext, load_run
 
@@ -42,10 +45,10 @@ class ProbeActor:
 
 def collect_on_ray(
     ctx: RunContext, ray_config: RayConfig, rows_per_shard: int = 131072, batch_size: int = 2048,
-    progress: bool = True,
+    progress: bool = True, activations: ShardStore | None = None,
 ) -> ProbeResult:  # fmt: skip
     """Probe the run into RUN_DIR/probe with an actor pool on the Ray cluster of `ray_config`; the same files as
-    `collect.collect` with the same batch size."""
+    `collect.collect` with the same batch size (the shards to `activations` when given)."""
     import ray.data
 
     if ray_config.address is None:
@@ -74,7 +77,7 @@ def collect_on_ray(
         if expected != len(bounds):
             raise RuntimeError(f"Ray Data returned {expected} of {len(bounds)} probe batches")
 
-    return write_probe(ctx, in_order(), rows_per_shard, progress, len(bounds))
+    return write_probe(ctx, in_order(), rows_per_shard, progress, len(bounds), activations)
 
 
 def _rows(block: dict[str, Any], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

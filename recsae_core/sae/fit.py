@@ -13,6 +13,7 @@ import torch
 
 from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.data.splits import Stage
+from recsae_core.probe.shards import ProbeShards
 from recsae_core.recommenders.evaluate import evaluate, make_batch, mask_seen
 from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.config import SAETrainConfig
@@ -86,30 +87,30 @@ class DevNDCG:
 
 def fit_sae(
     ctx: RunContext, activations: torch.Tensor, config: SAETrainConfig, ray_config: RayConfig | None = None,
-    probe_folder: Path | None = None,
+    probe: Path | ProbeShards | None = None,
 ) -> FittedSAE:  # fmt: skip
     """Train an SAE on probed activations, select it by dev NDCG@10 with substitution, and evaluate it on test.
     With a `ray_config` that names a cluster, training runs there on Ray Train and the latent statistics on Ray
-    Data, both streaming `probe_folder` (the probe `activations` were read from)."""
+    Data, both streaming `probe` (the probe `activations` were read from: its folder, or its shards)."""
     n = len(activations)
     dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
     select = DevNDCG(ctx.root, ctx)
     # The same fixed sample, in eval mode, decides whether a tied checkpoint reconstructs better: the running
     # training FVU moves by about 1% between epochs from batch noise alone, more than the gains it should judge.
     if ray_config is not None and ray_config.on_ray:
-        if probe_folder is None:
-            raise ValueError("training on Ray streams the probe folder: give probe_folder")
+        if probe is None:
+            raise ValueError("training on Ray streams the probe's shards: give probe")
         from recsae_core.sae.on_ray import train_sae_on_ray
 
-        result = train_sae_on_ray(probe_folder, config, ray_config, select=select, valid=dead_sample)
+        result = train_sae_on_ray(probe, config, ray_config, select=select, valid=dead_sample)
     else:
         result = train_sae(activations, config, select=select, valid=dead_sample)
     sae = result.sae.cpu().eval()
     baseline = random_sae(sae.cfg, activations, config.seed).eval()
-    if ray_config is not None and ray_config.on_ray and probe_folder is not None:
+    if ray_config is not None and ray_config.on_ray and probe is not None:
         from recsae_core.sae.stats_on_ray import latent_statistics_on_ray
 
-        stats = latent_statistics_on_ray(sae, probe_folder, ray_config)
+        stats = latent_statistics_on_ray(sae, probe, ray_config)
     else:
         stats = latent_statistics(sae, activations)
     recon = evaluate_reconstruction(sae, activations)

@@ -12,6 +12,9 @@ What makes N workers train one SAE rather than N:
   process does, and reports them at the end as the run's checkpoint through `ray.train.report`; the driver loads it
   from there.
 
+Each worker's share comes from Ray Data's `read_binary_files` over the shards, with the probe's filesystem (the run
+folder's, or the pyarrow filesystem of the URI the probe wrote them to), decoded by the probe's one shard reader.
+
 The global batch is `batch_size` rows (batch_size // N per worker), and the sample budget counts global samples, so
 the same config asks the same of one worker and of N. The batch order differs from one process (Ray Data splits the
 shards between workers), so the SAE is not bit-identical to one-process training: it meets the same FVU, dead and
@@ -24,19 +27,19 @@ import copy
 import json
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.numpy import load_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.common.layout import verify_probe_folder
 from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.probe.shards import ProbeShards, as_probe, h_of_shard_bytes
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.selection import CheckpointKeeper, FireClock, Select, score_epoch, scored
@@ -50,27 +53,22 @@ SHUFFLE_BATCHES = 8
 """Each worker shuffles its rows in a buffer of this many of its batches (Ray Data's local shuffle)."""
 
 
-def read_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data: probe shard paths -> their activations h."""
-    return {"h": np.concatenate([load_file(str(path))["h"] for path in batch["path"]]).astype(np.float32)}
-
-
 def train_sae_on_ray(
-    probe_folder: Path, config: SAETrainConfig, ray_config: RayConfig, select: Select | None = None,
+    probe: Path | ProbeShards, config: SAETrainConfig, ray_config: RayConfig, select: Select | None = None,
     valid: Tensor | None = None, storage: Path | None = None,
 ) -> SAETrainResult:  # fmt: skip
-    """`train.train_sae` on the probe in `probe_folder` with `ray_config.workers` DDP workers of the cluster at
-    `ray_config.address`. `select` runs on rank 0, so it must pickle (`fit.DevNDCG` loads its run there). Ray Train
-    keeps its checkpoints under `storage` (default: a temporary folder beside the probe, removed afterwards), which,
-    like the probe, must be on storage every node mounts."""
+    """`train.train_sae` on a probe (its folder, or its shards already verified) with `ray_config.workers` DDP
+    workers of the cluster at `ray_config.address`. `select` runs on rank 0, so it must pickle (`fit.DevNDCG` loads
+    its run there). Ray Train keeps its checkpoints under `storage` (default: a temporary folder beside the probe
+    folder, removed afterwards), which, like the probe folder, must be on storage every node mounts."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     if ray_config.address is None:
         raise ConfigError("train_sae_on_ray needs a Ray address (RayConfig.address)")
-    meta = verify_probe_folder(probe_folder)
-    tc = config.resolve(int(meta["n_samples"]))
+    probe = as_probe(probe)
+    tc = config.resolve(probe.n_rows)
     resources = connect(ray_config.address)
     workers, gpu = workers_for(ray_config, resources), tc.device.startswith("cuda")
     slots = int(resources.get("GPU" if gpu else "CPU", 0))
@@ -78,18 +76,21 @@ def train_sae_on_ray(
         raise ConfigError(f"--ray-workers {workers}: the cluster has {slots} {'GPU' if gpu else 'CPU'}s")
     if tc.batch_size < 2 * workers:
         raise ConfigError(f"batch size {tc.batch_size} leaves fewer than 2 rows per worker for {workers} workers")
-    first = torch.from_numpy(load_file(str(probe_folder / meta["shards"][0]))["h"][:32768].astype(np.float32))
+    first = torch.from_numpy(probe.read_rows(0, min(32768, probe.headers[0].rows)))  # the first shard's rows
     sae = random_sae(tc.sae_config(first.shape[1]), first, tc.seed)
 
-    paths = [{"path": str((probe_folder / shard).resolve())} for shard in meta["shards"]]
-    dataset = ray.data.from_items(paths, override_num_blocks=len(paths)).map_batches(
-        read_shards, batch_size=1, num_cpus=0  # file reads: the training workers hold every CPU
-    )
+    # One block per shard; reading takes no CPU: the training workers hold every CPU.
+    dataset = ray.data.read_binary_files(
+        probe.paths(), filesystem=probe.store.filesystem, include_paths=True, override_num_blocks=len(probe.headers),
+        ray_remote_args={"num_cpus": 0},
+    ).map_batches(h_of_shard_bytes, batch_size=1, batch_format="numpy", num_cpus=0)  # fmt: skip
     dataset = dataset.randomize_block_order(seed=tc.seed)
     ray.data.DataContext.get_current().enable_progress_bars = False
     own_storage = storage is None
-    storage = Path(storage or tempfile.mkdtemp(dir=probe_folder.parent, prefix=".sae-train.", suffix=".tmp"))
-    loop_config = {"tc": tc, "sae_cfg": sae.cfg, "state": sae.state_dict(), "select": select, "valid": valid}
+    storage = Path(storage or tempfile.mkdtemp(dir=probe.folder.parent, prefix=".sae-train.", suffix=".tmp"))
+    progress = EpochProgress(tc) if tc.progress else None
+    loop_config = {"tc": tc, "sae_cfg": sae.cfg, "state": sae.state_dict(), "select": select, "valid": valid,
+                   "progress": progress and progress.queue}  # fmt: skip
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config, datasets={"train": dataset},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu),
@@ -98,7 +99,11 @@ def train_sae_on_ray(
     )  # fmt: skip
     try:
         try:
-            result = trainer.fit()
+            if progress is None:
+                result = trainer.fit()
+            else:
+                with progress:
+                    result = trainer.fit()
         except Exception as err:  # Ray wraps a worker's error: its first line is what the user needs
             raise _worker_error(err) from None
         if result.checkpoint is None:
@@ -190,6 +195,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             best_state = copy.deepcopy(sae.state_dict())
         if is_scored:  # every worker reports the same epochs: a report is a barrier
             ray.train.report(dict(row))
+        if rank == 0 and loop_config["progress"] is not None:
+            loop_config["progress"].put(dict(row))
         if stop or spent or out_of_time:
             stopped_by = "patience" if stop else "samples" if spent else "wall_clock_safety"
             break
@@ -204,6 +211,49 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             (Path(folder) / TRAINING).write_text(json.dumps(summary))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report({"final": 1}, checkpoint=checkpoint)
+
+
+class EpochProgress:
+    """The driver's progress bar of a Ray Train run, as one process shows it: rank 0 puts each epoch's row on a Ray
+    queue, and a thread of the driver moves the bar while `trainer.fit()` blocks its main thread."""
+
+    def __init__(self, tc: SAETrainConfig) -> None:
+        from ray.util.queue import Queue
+
+        self.tc = tc
+        # No CPU for the queue's actor: the training workers may hold every CPU of the cluster.
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._show, name="sae-progress", daemon=True)
+
+    def __enter__(self) -> EpochProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.thread.join()
+        self.queue.shutdown()
+
+    def _show(self) -> None:
+        from ray.util.queue import Empty
+
+        shown: dict[str, str] = {}
+        with tqdm(total=self.tc.epochs, desc="sae (Ray Train)", unit="epoch") as bar:
+            while True:
+                try:
+                    row = self.queue.get(timeout=0.5)
+                except Empty:
+                    if self.done.is_set():
+                        return
+                    continue
+                except Exception:  # the queue's actor is gone with a failed run: fit() raises the cause
+                    return
+                bar.update(int(row["epoch"]) - bar.n)
+                shown.update(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}")
+                if "score" in row:  # the last scored epoch's, until the next
+                    shown["score"] = f"{row['score']:.4f}"
+                bar.set_postfix(shown)
 
 
 class WorkerShare:

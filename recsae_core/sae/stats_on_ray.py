@@ -11,7 +11,9 @@ their ranks of the sorted dataset).
 Equality with one process: n_samples, frequency, max_activation, deciles and global_deciles are bit-identical (the
 same values at the same ranks, interpolated by the same code); mean_activation and std_activation sum the same
 float64 values in another order, so they agree to about 1e-6 relative (tested at rtol 1e-5, atol 1e-7).
-Workers read the probe folder, so on a cluster it must be on storage every node mounts.
+The driver verifies the probe once; the actors get its shards (`probe.shards.ProbeShards`: the probe folder's, or
+those at the local path or pyarrow filesystem URI the probe wrote them to) and read only their rows, through the
+probe's one shard reader. Shards in the run folder must then be on storage every node mounts.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
-from recsae_core.common.errors import ArtifactError, ConfigError
-from recsae_core.common.layout import verify_probe_folder
+from recsae_core.common.errors import ConfigError
 from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
 from recsae_core.probe.collect import batch_bounds
+from recsae_core.probe.shards import ProbeShards, as_probe
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.stats import LatentStats, decile_ranks, finish_stats, group_deciles, interpolate_deciles
 
@@ -36,51 +37,17 @@ if TYPE_CHECKING:  # Ray is imported only when a cluster is asked for
     from ray.data import Dataset
 
 
-class ShardRows:
-    """Rows [start, end) of the probe's h, read from the shards that hold them (only those rows are read)."""
-
-    def __init__(self, folder: Path) -> None:
-        meta = verify_probe_folder(folder)
-        self.paths = [folder / name for name in meta["shards"]]
-        sizes = []
-        for path in self.paths:
-            try:
-                with safe_open(str(path), framework="np") as handle:
-                    sizes.append(handle.get_slice("h").get_shape()[0])
-            except (SafetensorError, OSError) as err:
-                raise ArtifactError(f"{path}: cannot read shard ({err})") from None
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        if self.offsets[-1] != meta.get("n_samples"):
-            raise ArtifactError(f"{folder}: shards do not add up to n_samples={meta.get('n_samples')}")
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.offsets[-1])
-
-    def read(self, start: int, end: int) -> np.ndarray:
-        parts = []
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        for shard in range(first, len(self.paths)):
-            lo, hi = max(start, self.offsets[shard]), min(end, self.offsets[shard + 1])
-            if lo >= hi:
-                break
-            with safe_open(str(self.paths[shard]), framework="np") as handle:
-                parts.append(handle.get_slice("h")[lo - self.offsets[shard] : hi - self.offsets[shard]])
-        return np.concatenate(parts).astype(np.float32)
-
-
 class EncodeActor:
-    """One Ray actor: the SAE (shipped once) and the probe's shards; a batch of rows -> its positive codes."""
+    """One Ray actor: the SAE and the probe's shards (shipped once); a batch of rows -> its positive codes."""
 
-    def __init__(self, sae: TopKSAE, folder: str) -> None:
-        self.sae = sae.cpu().eval()
-        self.rows = ShardRows(Path(folder))
+    def __init__(self, sae: TopKSAE, probe: ProbeShards) -> None:
+        self.sae, self.probe = sae.cpu().eval(), probe
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         latents, values = [], []
         for start, end in zip(batch["start"], batch["end"], strict=True):
-            z = self.sae.encode(torch.from_numpy(self.rows.read(int(start), int(end))))
+            z = self.sae.encode(torch.from_numpy(self.probe.read_rows(int(start), int(end))))
             rows, cols = z.nonzero(as_tuple=True)  # as latent_statistics takes them
             latents.append(cols.numpy())
             values.append(z[rows, cols].numpy())
@@ -97,25 +64,26 @@ def per_latent(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def latent_statistics_on_ray(
-    sae: TopKSAE, probe_folder: Path, ray_config: RayConfig, batch_size: int = 4096
+    sae: TopKSAE, probe: Path | ProbeShards, ray_config: RayConfig, batch_size: int = 4096
 ) -> LatentStats:
     """`latent_statistics(sae, the probe's activations, batch_size)` computed on the Ray cluster of `ray_config`
-    (see the module docstring for what is bit-identical and what agrees to ~1e-6 relative)."""
+    from a probe (its folder, or its shards already verified); see the module docstring for what is bit-identical
+    and what agrees to ~1e-6 relative."""
     import ray.data
 
     if ray_config.address is None:
         raise ConfigError("latent_statistics_on_ray needs a Ray address (RayConfig.address)")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    folder = Path(probe_folder).resolve()
-    n = ShardRows(folder).n_rows
+    probe = as_probe(probe)
+    n = probe.n_rows
     workers = workers_for(ray_config, connect(ray_config.address))
     ray.data.DataContext.get_current().enable_progress_bars = False
     bounds = batch_bounds(n, batch_size)
     rows = [{"start": a, "end": b} for a, b in bounds]
     # A few blocks per actor, so that every actor of the pool gets work (one block would feed one actor).
     dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * workers))
-    pairs = dataset.map_batches(EncodeActor, fn_constructor_args=(sae.cpu().eval(), str(folder)), batch_size=1,
+    pairs = dataset.map_batches(EncodeActor, fn_constructor_args=(sae.cpu().eval(), probe), batch_size=1,
                                 compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1).materialize()  # fmt: skip
     n_lat = sae.cfg.n_latents
     count = torch.zeros(n_lat, dtype=torch.long)

@@ -13,7 +13,7 @@ from recsae_core.common.errors import ArtifactError, ConfigError, IncompleteErro
 from recsae_core.common.html import figure_html, page, table_html
 from recsae_core.common.layout import RunLayout
 from recsae_core.common.ray_cluster import RayConfig
-from recsae_core.probe.collect import load_activations
+from recsae_core.probe.shards import probe_shards
 from recsae_core.recommenders.run import load_run
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.fit import fit_sae
@@ -31,16 +31,17 @@ def sweep_sae(
         raise ConfigError(f"every k in {ks} exceeds every width in {widths}: nothing to sweep")
     layout = RunLayout(run_dir)
     try:  # a changed file is refused by name; an unfinished probe asks for the pipeline
-        layout.verify_probe()
+        meta = layout.verify_probe()
     except IncompleteError as err:
         raise ArtifactError(f"{layout.probe}: no complete probe ({err}); run 'recsae pipeline' first") from None
     layout.verify_recommender()
     ctx = load_run(run_dir)
-    activations, _, _ = load_activations(layout.probe)
+    probe = probe_shards(layout.probe, meta)  # verified just above, wherever its shards are
+    activations, _, _ = probe.read_all()
     points = []
     for width, k in pairs:
         point_config = dataclasses.replace(config, n_latents=width, k=k)
-        m = fit_sae(ctx, activations, point_config, ray_config, layout.probe).metrics
+        m = fit_sae(ctx, activations, point_config, ray_config, probe).metrics
         points.append({
             "n_latents": width, "k": k, "fvu": m["fvu"], "dead_fraction": m["dead_fraction"],
             "ndcg@10_original": m["ndcg@10"]["original"], "ndcg@10_substituted": m["ndcg@10"]["substituted"],
