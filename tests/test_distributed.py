@@ -111,14 +111,20 @@ def test_ddp_training_meets_the_targets_of_one_process_and_saves_a_saelens_sae(p
     assert np.allclose(np.linalg.norm(weights["W_dec"], axis=1), 1.0, atol=1e-5)  # renormalised on every worker
 
 
-def test_ddp_refuses_more_workers_than_the_cluster_has(probed_bprmf, tmp_path, cluster):
-    run = shutil.copytree(probed_bprmf, tmp_path / "run")
+@pytest.mark.parametrize("probed", [True, False], ids=["by-ray-train", "by-the-probe"])
+def test_more_workers_than_the_cluster_has_are_refused(probed, probed_bprmf, trained_run, tmp_path, cluster):
+    """Ray Train (a probed run) and the probe's actor pool (a run not yet probed) refuse 3 workers on 2 CPUs in
+    one line, before any work: a worker that finds no CPU never starts, and its share would wait forever."""
+    if probed:
+        run = shutil.copytree(probed_bprmf, tmp_path / "run")
+    else:
+        run = copy_recommender(trained_run("bprmf"), tmp_path / "run")
     recsae = str(Path(sys.executable).with_name("recsae"))
     done = subprocess.run([recsae, "train-sae", "--run", str(run), "--ray-address", cluster, "--ray-workers", "3",
                            "--quiet"], capture_output=True, text=True, timeout=600, env=CLUSTER_ENV)  # fmt: skip
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and lines[-1] == "recsae: error: --ray-workers 3: the cluster has 2 CPUs", done.stderr
-    assert not RunLayout(run).sae.exists()
+    assert not RunLayout(run).sae.exists() and RunLayout(run).probe_complete() == probed
 
 
 def test_a_ray_address_without_a_cluster_is_one_line(trained_run, tmp_path, capsys):

@@ -76,6 +76,14 @@ def reachable(address: str, timeout_s: float = 5.0) -> None:
         raise ConfigError(f"--ray-address {address}: no Ray cluster to join ({err.strerror or err})") from None
 
 
-def workers_for(config: RayConfig, resources: dict[str, float]) -> int:
-    """The workers a distributed step starts: as configured, else one per CPU of the cluster."""
-    return config.workers or max(1, int(resources.get("CPU", 1)))
+def cluster_workers(config: RayConfig, resource: str = "CPU") -> int:
+    """Join the cluster of `config` and return the workers a step starts there: as configured, else one per
+    `resource` of the cluster (CPU; GPU for training on GPUs). More than the cluster has are refused in one line: a
+    worker that finds no `resource` never starts, and the work dealt to it would wait forever."""
+    if config.address is None:
+        raise ConfigError("a step on Ray needs a Ray address (RayConfig.address)")
+    have = int(connect(config.address).get(resource, 0))
+    workers = config.workers or max(1, have)
+    if workers > have:
+        raise ConfigError(f"--ray-workers {workers}: the cluster has {have} {resource}s")
+    return workers

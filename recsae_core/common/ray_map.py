@@ -20,8 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm.auto import tqdm
 
-from recsae_core.common.errors import ConfigError
-from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
 
 T = TypeVar("T")
 ByReference = Mapping[type, tuple[Callable[[Any], Any], Callable[[Any], Any]]]
@@ -50,7 +49,7 @@ def item_map(ray_config: RayConfig | None, by_reference: ByReference | None = No
     `ray_config`, joined now (a bad address or worker count is refused before the caller's heavy work)."""
     if ray_config is None or not ray_config.on_ray:
         return map_here
-    pool_size(ray_config)
+    cluster_workers(ray_config)
 
     def on_ray(
         fn: Callable[[Any, Any], T], shared: Any, items: Sequence[Any], *, desc: str = "", progress: bool = False
@@ -70,19 +69,6 @@ class SharedState:
         return index, self.fn(self.shared, item, *self.args)
 
 
-def pool_size(ray_config: RayConfig) -> int:
-    """Join the cluster of `ray_config` and return the actors a map starts; more workers than the cluster has CPUs
-    are refused in one line (an actor that finds no CPU never starts, and the items dealt to it would wait forever).
-    Callers may call it before their heavy work, to refuse a bad address or worker count at once."""
-    if ray_config.address is None:
-        raise ConfigError("a map on Ray needs a Ray address (RayConfig.address)")
-    resources = connect(ray_config.address)
-    workers, cpus = workers_for(ray_config, resources), int(resources.get("CPU", 0))
-    if workers > cpus:
-        raise ConfigError(f"--ray-workers {workers}: the cluster has {cpus} CPUs")
-    return workers
-
-
 def map_on_ray(
     fn: Callable[..., T], shared: Any, items: Sequence[Any], ray_config: RayConfig, *args: Any,
     by_reference: ByReference | None = None, desc: str = "", progress: bool = False,
@@ -92,7 +78,7 @@ def map_on_ray(
     import ray
     from ray.util import ActorPool, deregister_serializer, register_serializer
 
-    workers = pool_size(ray_config)
+    workers = cluster_workers(ray_config)
     if not items:
         return []
     for cls, (to_reference, from_reference) in (by_reference or {}).items():
@@ -122,6 +108,6 @@ def map_chunks(
 ) -> list[T]:  # fmt: skip
     """[fn(shared, chunk, *args) for each contiguous chunk of `items`] with `map_on_ray`, a few chunks per worker
     (`CHUNKS_PER_WORKER`); results in chunk order."""
-    size = max(1, -(-len(items) // (CHUNKS_PER_WORKER * pool_size(ray_config))))
+    size = max(1, -(-len(items) // (CHUNKS_PER_WORKER * cluster_workers(ray_config))))
     chunks = [items[start : start + size] for start in range(0, len(items), size)]
     return map_on_ray(fn, shared, chunks, ray_config, *args)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
 from recsae_core.concepts.samples import ranked_top_units
 from recsae_core.probe.collect import batch_bounds
 from recsae_core.probe.shards import ProbeShards, as_probe
@@ -75,7 +75,7 @@ def top_units_on_ray(
     probe = as_probe(probe)
     if probe.n_rows != len(users):
         raise ConfigError(f"{len(users)} users given for a probe of {probe.n_rows} samples")
-    workers = workers_for(ray_config, connect(ray_config.address))
+    workers = cluster_workers(ray_config)
     ray.data.DataContext.get_current().enable_progress_bars = False
     bounds = [{"start": a, "end": b} for a, b in batch_bounds(probe.n_rows, batch_size)]
     users = np.asarray(users, dtype=np.int64)

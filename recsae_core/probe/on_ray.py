@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
 from recsae_core.common.storage import ShardStore
 from recsae_core.probe.collect import ProbeResult, batch_bounds, probe_batch, sample_index, write_probe
 from recsae_core.recommenders.run import RunContext, load_run
@@ -53,7 +53,7 @@ def collect_on_ray(
 
     if ray_config.address is None:
         raise ConfigError("collect_on_ray needs a Ray address (RayConfig.address)")
-    workers = workers_for(ray_config, connect(ray_config.address))
+    workers = cluster_workers(ray_config)
     users, _ = sample_index(ctx)
     bounds = batch_bounds(len(users), batch_size)
     context = ray.data.DataContext.get_current()

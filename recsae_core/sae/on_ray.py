@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
 from recsae_core.probe.shards import ProbeShards, as_probe, h_of_shard_bytes
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
@@ -69,11 +69,8 @@ def train_sae_on_ray(
         raise ConfigError("train_sae_on_ray needs a Ray address (RayConfig.address)")
     probe = as_probe(probe)
     tc = config.resolve(probe.n_rows)
-    resources = connect(ray_config.address)
-    workers, gpu = workers_for(ray_config, resources), tc.device.startswith("cuda")
-    slots = int(resources.get("GPU" if gpu else "CPU", 0))
-    if workers > slots:  # Ray Train would wait for them forever
-        raise ConfigError(f"--ray-workers {workers}: the cluster has {slots} {'GPU' if gpu else 'CPU'}s")
+    gpu = tc.device.startswith("cuda")
+    workers = cluster_workers(ray_config, "GPU" if gpu else "CPU")  # more would leave Ray Train waiting forever
     if tc.batch_size < 2 * workers:
         raise ConfigError(f"batch size {tc.batch_size} leaves fewer than 2 rows per worker for {workers} workers")
     first = torch.from_numpy(probe.read_rows(0, min(32768, probe.headers[0].rows)))  # the first shard's rows

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.common.ray_cluster import RayConfig, connect, workers_for
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
 from recsae_core.probe.collect import batch_bounds
 from recsae_core.probe.shards import ProbeShards, as_probe
 from recsae_core.sae.model import TopKSAE
@@ -77,7 +77,7 @@ def latent_statistics_on_ray(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     probe = as_probe(probe)
     n = probe.n_rows
-    workers = workers_for(ray_config, connect(ray_config.address))
+    workers = cluster_workers(ray_config)
     ray.data.DataContext.get_current().enable_progress_bars = False
     bounds = batch_bounds(n, batch_size)
     rows = [{"start": a, "end": b} for a, b in bounds]
