@@ -34,6 +34,10 @@ RAY = str(Path(sys.executable).with_name("ray"))
 AUTH = {"RAY_AUTH_MODE": "disabled"}
 START_TIMEOUT_S = 180.0
 STOP_GRACE_S = 5.0
+START_TRIES = 3
+"""Starts tried, each on a new port: a port free a moment ago can be one Ray gives another of its own components (its
+dashboard agent listens on 52365 by default), and `ray start` then exits at once ("make sure the same port is not used
+by multiple components")."""
 RECORD_WAIT_S = 10.0
 """How long `ray start` is given, once its cluster listens, to record it as the machine's current one."""
 PR_SET_PDEATHSIG = 1
@@ -42,11 +46,27 @@ PR_SET_PDEATHSIG = 1
 @contextmanager
 def local_cluster(cpus: int) -> Iterator[str]:
     """A local Ray cluster with `cpus` CPUs for the duration of the block; yields its address (127.0.0.1:port)."""
-    port = free_port()
     os.environ.update(AUTH)  # this process's driver joins with the cluster's auth mode
     current = _current_cluster_file()
     before = current.read_text() if current.is_file() else None
     with tempfile.TemporaryFile(mode="w+") as log:
+        process, port = _start(cpus, log, current, before)
+        try:
+            _restore_current(current, before, port, wait_s=RECORD_WAIT_S)  # nobody else's plain ray.init() joins it
+            yield f"127.0.0.1:{port}"
+        finally:
+            _leave()
+            _stop(process)
+            _restore_current(current, before, port)
+
+
+def _start(cpus: int, log: IO[str], current: Path, before: str | None) -> tuple[subprocess.Popen, int]:
+    """`ray start --head --block` on a free port, listening; a start that exits at once is tried again on another
+    port (`START_TRIES`), one that does not listen in time is not."""
+    for attempt in range(1, START_TRIES + 1):
+        port = free_port()
+        log.seek(0)
+        log.truncate()
         process = subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
              "--disable-usage-stats", "--block"],
@@ -55,12 +75,14 @@ def local_cluster(cpus: int) -> Iterator[str]:
         )  # fmt: skip
         try:
             _wait_listening(process, port, log)
-            _restore_current(current, before, port, wait_s=RECORD_WAIT_S)  # nobody else's plain ray.init() joins it
-            yield f"127.0.0.1:{port}"
-        finally:
-            _leave()
+            return process, port
+        except RecsaeError:
+            exited = process.poll() is not None
             _stop(process)
             _restore_current(current, before, port)
+            if not exited or attempt == START_TRIES:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _die_with_parent() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,18 @@ def test_a_process_joined_to_another_cluster_leaves_it_for_the_one_asked():
 
     assert same_cluster("127.0.0.1:6390", "192.0.2.2:6390") and same_cluster("ray://head:6390", "10.0.0.1:6390")
     assert not same_cluster("127.0.0.1:6390", "192.0.2.2:43193") and same_cluster("auto", "192.0.2.2:43193")
+
+
+def test_a_cluster_start_on_a_port_ray_uses_itself_is_tried_again_on_another(monkeypatch):
+    """A port free a moment ago can be one Ray gives another of its own components: 52365 is its dashboard agent's
+    default, on which `ray start` exits at once (seen in this suite: free_port() returned it). local_cluster starts
+    again on another port."""
+    from service import bench_cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # local_cluster sets it for this process; put back afterwards
+    ports = iter([52365])
+    monkeypatch.setattr(bench_cluster, "free_port", lambda: next(ports, None) or free_port())
+    with bench_cluster.local_cluster(cpus=1) as address:
+        host, port = address.split(":")
+        assert port != "52365"
+        socket.create_connection((host, int(port)), timeout=5).close()
