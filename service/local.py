@@ -36,10 +36,19 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+"""Ports Ray's own components take unless told otherwise (GCS, dashboard, client server, dashboard agent): a port
+handed out here for something else must not be one that a Ray started afterwards binds."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nothing is bound to now, and none of `RAY_DEFAULT_PORTS`."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 QUIET = {"log_level": "WARNING", "enable_access_log": False}

@@ -148,16 +148,19 @@ def test_a_process_joined_to_another_cluster_leaves_it_for_the_one_asked():
     assert not same_cluster("127.0.0.1:6390", "192.0.2.2:43193") and same_cluster("auto", "192.0.2.2:43193")
 
 
-def test_a_cluster_start_on_a_port_ray_uses_itself_is_tried_again_on_another(monkeypatch):
-    """A port free a moment ago can be one Ray gives another of its own components: 52365 is its dashboard agent's
-    default, on which `ray start` exits at once (seen in this suite: free_port() returned it). local_cluster starts
-    again on another port."""
+def test_a_cluster_start_that_exits_at_once_is_tried_again_on_another_port(monkeypatch):
+    """A port free a moment ago can be taken by the time `ray start` binds it (in this suite, once, by Ray's own
+    dashboard agent, whose default is 52365), and `ray start` exits at once. Here the first port handed out is held
+    by a socket bound without listening; local_cluster starts again on another port."""
     from service import bench_cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # local_cluster sets it for this process; put back afterwards
-    ports = iter([52365])
-    monkeypatch.setattr(bench_cluster, "free_port", lambda: next(ports, None) or free_port())
-    with bench_cluster.local_cluster(cpus=1) as address:
-        host, port = address.split(":")
-        assert port != "52365"
-        socket.create_connection((host, int(port)), timeout=5).close()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        ports = iter([taken])
+        monkeypatch.setattr(bench_cluster, "free_port", lambda: next(ports, None) or free_port())
+        with bench_cluster.local_cluster(cpus=1) as address:
+            host, port = address.split(":")
+            assert int(port) != taken
+            socket.create_connection((host, int(port)), timeout=5).close()
