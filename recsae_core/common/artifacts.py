@@ -146,10 +146,15 @@ def atomic_folder(target: Path, record: bool = True) -> Iterator[Path]:
 
 def sha256_file(path: Path) -> str:
     """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return sha256_stream(handle)
+
+
+def sha256_stream(handle: Any) -> str:
+    """The hex sha256 of what a binary stream (any object with `read(n) -> bytes`) holds, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

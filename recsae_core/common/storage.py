@@ -15,7 +15,6 @@ Credentials are never part of a URI here: it is recorded in RUN/probe/meta.json,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +26,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pyarrow
 import pyarrow.fs as pafs
 
+from recsae_core.common.artifacts import sha256_stream
 from recsae_core.common.errors import ArtifactError, ConfigError
 
 OPTION = "--activations"
@@ -110,12 +110,9 @@ class ShardStore:
 
     def sha256(self, name: str) -> str:
         """The hex sha256 of a file's bytes, streamed in 1 MiB blocks."""
-        digest = hashlib.sha256()
         with (_io(self.where(name), "cannot read"),
               self.filesystem.open_input_stream(self.path(name), compression=None) as handle):  # fmt: skip
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+            return sha256_stream(handle)
 
     def names(self) -> list[str]:
         """The files directly in the folder."""
