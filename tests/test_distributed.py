@@ -5,6 +5,7 @@ files of the one-process probe, and `recsae pipeline --ray-address` gives a bund
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 import socket
 import subprocess
@@ -164,3 +165,27 @@ def test_a_cluster_start_that_exits_at_once_is_tried_again_on_another_port(monke
             host, port = address.split(":")
             assert int(port) != taken
             socket.create_connection((host, int(port)), timeout=5).close()
+
+
+def test_bundle_import_onnx_on_ray_probes_the_same_shards_and_meets_the_one_process_sae(tmp_path, cluster):
+    """`bundle --import-onnx --ray-address`: the outside model's probe on Ray Data writes the one-process shards
+    byte for byte, and its SAE, trained on Ray Train with the same held-out rows left out and selected on their
+    FVU, reconstructs them as well as one process's within the tolerance of training on Ray (the batch order
+    differs)."""
+    from test_import_onnx import argv, outside_model
+
+    files = outside_model(tmp_path)
+    alone, on_ray = tmp_path / "alone" / "bundle", tmp_path / "on-ray" / "bundle"
+    recsae = str(Path(sys.executable).with_name("recsae"))
+    here = json.loads(in_a_fresh_process([recsae, *argv(files, alone)[:-1]]).stdout)  # argv ends with --quiet
+    there = json.loads(in_a_fresh_process([recsae, *argv(files, on_ray), "--ray-address", cluster, "--ray-workers",
+                                           "2"]).stdout)  # fmt: skip
+    probes = [bundle.with_name(bundle.name + ".work") / "probe" for bundle in (alone, on_ray)]
+    names = sorted(p.name for p in probes[0].iterdir() if p.name.startswith("shard-"))
+    assert names and filecmp.cmpfiles(*probes, names, shallow=False)[1:] == ([], [])
+    assert (here["sae"]["workers"], there["sae"]["workers"]) == (1, 2)
+    assert here["sae"]["n_samples"] == there["sae"]["n_samples"] and there["sae"]["selected_on"] == "held-out FVU"
+    assert abs(there["sae"]["fvu"] - here["sae"]["fvu"]) <= 0.20 * here["sae"]["fvu"], (there["sae"], here["sae"])
+    from recsae_core.bundle.format import load_bundle
+
+    load_bundle(on_ray)  # verified, as the service loads it

@@ -128,6 +128,19 @@ def test_sequence_import_writes_a_self_contained_run(seq_run, seq, ml100k):
     assert ctx.model.model_users is None
 
 
+def test_the_imports_evaluation_by_batches_is_evaluate(seq_run):
+    """`import` ranks its batches through an item map (on Ray: an actor pool); here, in this process, it is the
+    plain evaluation, and it is what metrics.json records."""
+    from recsae_core.recommenders.evaluate import evaluate, evaluate_stages
+
+    ctx = seq_run["ctx"]
+    by_batches = evaluate_stages(ctx, ("valid", "test"))
+    assert by_batches == {stage: evaluate(ctx.model, ctx.split, stage) for stage in ("valid", "test")}
+    recorded = json.loads((RunLayout(seq_run["run"]).recommender / METRICS).read_text())
+    assert (recorded["valid"], recorded["test"]) == (by_batches["valid"], by_batches["test"])
+    assert recorded["ray_workers"] == 0
+
+
 def test_two_tower_import_keeps_the_models_user_ids(two_tower_run, two_tower, ml100k):
     layout = RunLayout(two_tower_run["run"])
     assert (layout.recommender / USER_MAP).is_file()

@@ -56,8 +56,11 @@ def write_items(path: Path, n: int = N_ITEMS) -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    """The outside recommender's files: ONNX user tower, item matrix, items CSV, per-user inputs."""
-    folder = tmp_path_factory.mktemp("outside")
+    return outside_model(tmp_path_factory.mktemp("outside"))
+
+
+def outside_model(folder: Path) -> dict:
+    """The outside recommender's files in `folder`: ONNX user tower, item matrix, items CSV, per-user inputs."""
     model = TwoTower().eval()
     export_tower(model.user_tower, folder / "user_tower.onnx")
     with torch.no_grad():

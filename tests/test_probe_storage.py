@@ -270,3 +270,39 @@ def test_bundle_import_onnx_probes_to_a_uri_too(tmp_path, capsys):
     assert meta[PROBE_ACTIVATIONS] == acts.as_uri() and sorted(p.name for p in acts.iterdir()) == meta["shards"]
     assert sorted(p.name for p in probe.iterdir()) == ["complete.json", PROBE_META]
     np.testing.assert_allclose(load_activations(probe)[0].numpy(), features @ weights, rtol=1e-5, atol=1e-5)
+
+
+def test_a_reader_of_whole_shards_leaves_out_exactly_the_rows_named(tmp_path):
+    """What Ray Train's workers read of an import's probe: every row but the held-out ones, across shard borders."""
+    from recsae_core.probe.shards import LeaveOut, h_of_shard_bytes, open_probe, writing_probe
+
+    h = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
+    with writing_probe(tmp_path / "probe", 16, {"source": "test", "sample": "input-row"}) as writer:
+        writer.add(h, np.arange(50), np.zeros(50, dtype=np.int64))
+    probe = open_probe(tmp_path / "probe")
+    assert len(probe.headers) == 4  # 16 + 16 + 16 + 2 rows
+    held_out = np.array([33, 0, 15, 16, 49])
+    batch = {"bytes": [Path(path).read_bytes() for path in probe.paths()], "path": probe.paths()}
+    kept = h_of_shard_bytes(batch, LeaveOut.of(probe, held_out))["h"]
+    assert np.array_equal(kept, np.delete(h, held_out, axis=0))
+    assert np.array_equal(h_of_shard_bytes(batch)["h"], h)
+
+
+def test_shards_read_one_at_a_time_sample_and_evaluate_as_the_whole_probe(in_folder):
+    """What `sae_step` on Ray holds of the probe: shards read one at a time (`ShardRows`), from which the fixed
+    sample and the reconstruction metrics are exactly those of the probe read whole."""
+    import torch
+
+    from recsae_core.probe.shards import ShardRows, open_probe
+    from recsae_core.sae.activations import count_rows, take_rows
+    from recsae_core.sae.model import SAEConfig
+    from recsae_core.sae.train import evaluate_reconstruction, random_sae
+
+    probe = open_probe(RunLayout(in_folder).probe)
+    whole, streamed = probe.read_all()[0], ShardRows(probe)
+    assert len(probe.headers) >= 2 and count_rows(streamed) == len(whole)  # more than one shard is read
+    index = torch.randperm(len(whole), generator=torch.Generator().manual_seed(0))[:300]
+    assert torch.equal(take_rows(streamed, index), whole[index])
+    sae = random_sae(SAEConfig(d_in=whole.shape[1], n_latents=64, k=4), whole, seed=0)
+    assert torch.equal(random_sae(sae.cfg, streamed, seed=0).W_dec, sae.W_dec)
+    assert evaluate_reconstruction(sae, streamed, 256) == evaluate_reconstruction(sae, whole, 256)

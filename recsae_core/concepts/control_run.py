@@ -5,7 +5,7 @@ issue's figure is met, written to RUN/debias/concepts.json.
 Each concept is measured on its own: `control.measure_concept` reads the run, the SAE and both stages, all fixed
 before the first concept, and changes none of them. So on a Ray cluster (`ray_config`) the concepts are measured by
 an actor pool that receives that state once (`recsae_core.common.ray_map`; the run travels as its folder,
-`recsae_core.recommenders.run_on_ray`), and concepts.json is the one-process one (tests/test_distributed_debias.py).
+`recsae_core.recommenders.run_on_ray`), and concepts.json is the one-process one (tests/test_distributed_pools.py).
 """
 
 from __future__ import annotations

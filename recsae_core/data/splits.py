@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -66,7 +67,12 @@ class Split:
 
     def seen(self, stage: Stage) -> Ragged:
         """Items a user had interacted with before `stage`: masked in ranking, and the input of sequential models."""
-        return self.train if stage == "valid" else Ragged.concat(self.train, self.valid)
+        return self.train if stage == "valid" else self.seen_before_test
+
+    @cached_property
+    def seen_before_test(self) -> Ragged:
+        """Train and valid items per user, built once: every batch of a test ranking masks them."""
+        return Ragged.concat(self.train, self.valid)
 
     def targets(self, stage: Stage) -> Ragged:
         return self.valid if stage == "valid" else self.test

@@ -8,7 +8,7 @@ On a Ray cluster (`ray_config`), the two maps of independent measurements run on
 shared state once (`recsae_core.common.ray_map`; the run itself travels as its folder,
 `recsae_core.recommenders.run_on_ray`): the causal screen, one discovery per item (`screen.screen_latent`), and the
 sweep, one (method, strength) point per item (`measure.sweep_point`). Each item reads only state fixed before its
-map and changes none, so the report is the one-process one (tests/test_distributed_debias.py). What combines items
+map and changes none, so the report is the one-process one (tests/test_distributed_pools.py). What combines items
 stays here: the association, fitting the methods, selection, the operating points (one dev measurement per method,
 against the sweep's 16 per method by default: not worth starting a third pool) and the report."""
 

@@ -48,9 +48,10 @@ CONTROL_OPTIONS = ConfigOptions(ConceptControlConfig, {
 })  # fmt: skip
 """concept-control's options."""
 RAY_OPTIONS = ConfigOptions(RayConfig, {"address": "--ray-address", "workers": "--ray-workers"})
-"""Where the distributed steps run (train-sae, sae-sweep, interpret, pipeline, debias and concept-control: the probe
-on Ray Data, the SAE on Ray Train, its statistics and the catalog's top samples on Ray Data, the catalog's labels,
-debias's causal screen and sweep points and concept-control's concepts on actor pools)."""
+"""Where the distributed steps run (import, train-recommender, train-sae, bundle --import-onnx, sae-sweep, interpret,
+pipeline, debias and concept-control: the wrapped model's evaluation on an actor pool, the recommender on Ray Train,
+the probe on Ray Data, the SAE on Ray Train, its statistics and the catalog's top samples on Ray Data, the catalog's
+labels, debias's causal screen and sweep points and concept-control's concepts on actor pools)."""
 PIPELINE_SAE_OPTIONS = SAE_OPTIONS.without("device", "progress")
 SWEEP_SAE_OPTIONS = SAE_OPTIONS.without("n_latents", "k")
 PROBE_OPTIONS = ConfigOptions(ProbeStorage, {"activations": "--activations"})
@@ -100,6 +101,8 @@ def add_import_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", default="recbole", choices=["recbole", "loo"], help=PROTOCOL_HELP)
     p.add_argument("--seed", type=non_negative_int, default=TrainConfig.seed,
                    help=f"seed of the split every later step evaluates on (default: {TrainConfig.seed})")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    RAY_OPTIONS.add_to(p)
 
 
 def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.ArgumentParser:
@@ -117,6 +120,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     train = sub.add_parser("train-recommender", help="train BPR-MF, LightGCN or SASRec and evaluate it")
     add_train_options(train)
     train.add_argument("--out", required=True, type=Path, help="run folder (RUN_DIR/recommender is written)")
+    RAY_OPTIONS.add_to(train)
 
     sae = sub.add_parser("train-sae", help="probe the run's recommender and train a TopK SAE on its activations")
     sae.add_argument("--run", required=True, type=Path, help="run folder with a trained recommender")
@@ -146,6 +150,7 @@ def build_parser(extend: Callable[[Any], None] | None = None) -> argparse.Argume
     )
     SAE_OPTIONS.add_to(bundle)
     PROBE_OPTIONS.add_to(bundle)
+    RAY_OPTIONS.add_to(bundle)  # --import-onnx's probe, SAE and statistics; bundle --run only packs files
 
     interpret = sub.add_parser("interpret", help="name, describe and score every live SAE latent (concept catalog)")
     interpret.add_argument("--run", required=True, type=Path, help="run folder with probe/ and sae/")
@@ -297,7 +302,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from recsae_core.recommenders.run import train_step
 
-    metrics = train_step(args.out, args.dataset, args.model, args.protocol, TRAIN_OPTIONS.build(args))
+    config = TRAIN_OPTIONS.build(args)
+    metrics = train_step(args.out, args.dataset, args.model, args.protocol, config, ray_config=ray_config(args))
     summary = {k: metrics[k] for k in ("dataset", "model", "protocol", "epochs_trained", "train_seconds")}
     summary["test"] = {k: v for k, v in metrics["test"].items() if k.endswith("@10")}
     print(json.dumps(summary))
@@ -329,14 +335,20 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             raise ConfigError(f"--import-onnx also needs {flags}")
         result = import_onnx(
             args.import_onnx, args.item_embeddings, args.items, args.user_inputs, args.out, sae_config(args),
-            name=args.name, work=args.work, activations=activations_store(args),
+            name=args.name, work=args.work, activations=activations_store(args), ray_config=ray_config(args),
         )  # fmt: skip
         print(json.dumps(result))
         return 0
-    given = [*("--" + f.replace("_", "-") for f in IMPORT_ONLY if f in typed(args)), *SAE_OPTIONS.typed(args)]
+    given = [
+        *("--" + f.replace("_", "-") for f in IMPORT_ONLY if f in typed(args)),
+        *SAE_OPTIONS.typed(args),
+        *RAY_OPTIONS.typed(args),
+    ]  # $RAY_ADDRESS alone is not refused: a RayJob's pods set it for every command
     if given:
         verb = "applies" if len(given) == 1 else "apply"
-        raise ConfigError(f"{', '.join(given)} only {verb} with --import-onnx: bundle --run packs the run's own SAE")
+        raise ConfigError(
+            f"{', '.join(given)} only {verb} with --import-onnx: bundle --run packs what the run already holds"
+        )
     if args.run is None:
         raise ConfigError("bundle needs --run RUN_DIR (or --import-onnx MODEL.onnx ...)")
     from recsae_core.pipeline.steps import bundle_step
@@ -376,7 +388,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     metrics = import_step(
         args.out, args.onnx, args.item_embeddings, args.recipe, args.interactions, items=args.items, users=args.users,
-        name=args.name, protocol=args.protocol, seed=args.seed,
+        name=args.name, protocol=args.protocol, seed=args.seed, ray_config=ray_config(args), progress=not args.quiet,
     )  # fmt: skip
     keys = ("dataset", "recipe", "protocol", "n_users", "n_items", "n_interactions", "import", "import_seconds")
     summary = {"run": str(args.out), **{k: metrics[k] for k in keys}}

@@ -16,8 +16,10 @@ from recsae_core.bundle.export import contents_from_onnx
 from recsae_core.bundle.format import verify_bundle, write_bundle
 from recsae_core.common.artifacts import atomic_folder, write_json
 from recsae_core.common.layout import METRICS, STATS_FILE, RunLayout
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
 from recsae_core.common.storage import ShardStore
-from recsae_core.probe.collect import collect_onnx, load_activations
+from recsae_core.probe.collect import collect_onnx
+from recsae_core.probe.shards import open_probe
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.stats import latent_statistics, save_stats
 from recsae_core.sae.train import evaluate_reconstruction, train_sae, training_summary
@@ -33,27 +35,50 @@ def import_onnx(
     name: str = "imported",
     work: Path | None = None,
     activations: ShardStore | None = None,
+    ray_config: RayConfig | None = None,
 ) -> dict[str, Any]:
     """Build a bundle around an outside model, its SAE trained as `config` says. Without ground-truth interactions
     the SAE is selected on held-out reconstruction (FVU) instead of dev NDCG; every other setting applies as in a
     run (the tolerance then ties checkpoints on FVU itself, so the better reconstruction wins either way). The
-    probe's shards go to `activations` when given, else into the work folder's probe/."""
+    probe's shards go to `activations` when given, else into the work folder's probe/. With `ray_config` naming a
+    cluster, the probe runs on Ray Data (the same shards), the SAE on Ray Train (the same held-out rows left out of
+    training; within the tolerances of training on Ray) and its statistics on Ray Data."""
+    on_ray = ray_config is not None and ray_config.on_ray
+    if on_ray:
+        cluster_workers(ray_config)  # a bad address or worker count is refused before the work
     layout = RunLayout(work or out.with_name(out.name + ".work"))  # the import's probe and SAE, as in a run
     # Validate every input file before spending minutes on the probe and the SAE.
     contents = contents_from_onnx(onnx_path, embeddings_path, items_csv, user_inputs_path, layout.sae, name)
-    collect_onnx(onnx_path, user_inputs_path, layout.probe, progress=config.progress, activations=activations)
-    activations, _, _ = load_activations(layout.probe)
+    if on_ray:
+        from recsae_core.probe.on_ray import collect_onnx_on_ray
+
+        collect_onnx_on_ray(onnx_path, user_inputs_path, layout.probe, ray_config, progress=config.progress,
+                            activations=activations)  # fmt: skip
+    else:
+        collect_onnx(onnx_path, user_inputs_path, layout.probe, progress=config.progress, activations=activations)
+    probe = open_probe(layout.probe)
+    samples, _, _ = probe.read_all()
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(activations), generator=generator)
-    n_valid = max(len(activations) // 10, 1)
-    valid, train = activations[order[:n_valid]], activations[order[n_valid:]]
-    result = train_sae(train, config, valid=valid)
+    order = torch.randperm(len(samples), generator=generator)
+    n_valid = max(len(samples) // 10, 1)
+    valid, train = samples[order[:n_valid]], samples[order[n_valid:]]
+    if on_ray:
+        from recsae_core.sae.on_ray import train_sae_on_ray
+
+        result = train_sae_on_ray(probe, config, ray_config, valid=valid, leave_out=order[:n_valid].numpy())
+    else:
+        result = train_sae(train, config, valid=valid)
     sae = result.sae.cpu().eval()
-    stats = latent_statistics(sae, activations)
+    if on_ray:
+        from recsae_core.sae.stats_on_ray import latent_statistics_on_ray
+
+        stats = latent_statistics_on_ray(sae, probe, ray_config)
+    else:
+        stats = latent_statistics(sae, samples)
     metrics = {
         **evaluate_reconstruction(sae, valid),
         "dead_fraction": stats.dead_fraction,
-        "n_samples": len(activations),
+        "n_samples": len(samples),
         "selected_on": "held-out FVU",
         **training_summary(result),
         "history": result.history,

@@ -21,7 +21,7 @@ from recsae_core.probe.shards import probe_shards
 from recsae_core.recommenders.config import TrainConfig
 from recsae_core.recommenders.run import add_contract, load_run, train_step
 from recsae_core.sae.config import SAETrainConfig
-from recsae_core.sae.fit import fit_sae
+from recsae_core.sae.fit import activations_of, fit_sae
 from recsae_core.sae.stats import save_stats
 
 
@@ -54,8 +54,7 @@ def sae_step(run_dir: Path, config: SAETrainConfig, ray_config: RayConfig | None
     ctx = load_run(run_dir, device="cpu")
     made_from = layout.made_from(layout.probe)
     probe = probe_shards(layout.probe, meta)  # verified just above, wherever its shards are
-    activations, _, _ = probe.read_all()
-    fitted = fit_sae(ctx, activations, config, ray_config, probe)
+    fitted = fit_sae(ctx, activations_of(probe, ray_config), config, ray_config, probe)
     fitted.metrics[MADE_FROM] = made_from
     with atomic_folder(layout.sae) as folder:
         fitted.sae.save(folder, hook_name=f"{ctx.model.name}.h")
@@ -174,7 +173,7 @@ def run_pipeline(
                 f"{existing.get('dataset')}, not {model} on {dataset}; use another --out"
             )
     train: Step = ("recommender", layout.verify_recommender,
-                   lambda: train_step(run_dir, dataset, model, protocol, train_config))  # fmt: skip
+                   lambda: train_step(run_dir, dataset, model, protocol, train_config, ray_config))  # fmt: skip
     return run_steps([train, *steps_after_recommender(run_dir, sae_config, ray_config, activations)], force, log)
 
 

@@ -42,6 +42,10 @@ class ProbeResult:
     """Where the shards are when not in `folder`: the local path or pyarrow filesystem URI its meta records."""
 
 
+ONNX_BATCH = 1024
+"""Input rows per model call in the probe of an outside model."""
+
+
 def sample_index(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     """(user, position) of every sample, in probe order: for a sequential model every position of every training
     sequence, otherwise one sample per user (its position: the last training item)."""
@@ -103,36 +107,61 @@ def collect(
     return write_probe(ctx, batches, rows_per_shard, progress, len(bounds), activations)
 
 
+class OnnxInputs:
+    """A recommender we did not train, as the probe of `bundle --import-onnx` sees it: an ONNX model mapping its own
+    inputs to h, and one input row per user from a safetensors file whose tensors are named like the model's inputs
+    and share their first (batch) axis."""
+
+    def __init__(self, model_path: Path, inputs_path: Path, output_name: str | None = None, threads: int = 0) -> None:
+        self.model_path, self.inputs_path, self.output_name = model_path, inputs_path, output_name
+        self.session = open_onnx(model_path, threads)
+        self.inputs = load_inputs(inputs_path, self.session)
+        self.n_rows = len(next(iter(self.inputs.values())))
+        self.output = h_output(self.session, model_path, output_name)
+
+    def h(self, start: int, end: int) -> np.ndarray:
+        """h (float32) of input rows [start, end); refuses an output that is not (rows, d) or not finite."""
+        feed = {k: v[start:end] for k, v in self.inputs.items()}
+        h = self.session.run([self.output], feed)[0]
+        if h.ndim != 2 or len(h) != end - start:
+            raise ArtifactError(f"{self.model_path}: output '{self.output}' has shape {h.shape}; expected (batch, d)")
+        if not np.isfinite(h).all():
+            raise ArtifactError(f"{self.model_path}: output '{self.output}' has NaN/inf for input rows from {start}")
+        return h.astype(np.float32)
+
+
+def write_onnx_probe(
+    source: OnnxInputs, batches: Iterator[np.ndarray], out: Path, rows_per_shard: int, progress: bool, total: int,
+    activations: ShardStore | None = None,
+) -> ProbeResult:  # fmt: skip
+    """Stream the h of consecutive input-row batches, in order, into the probe folder `out` (each sample's user: its
+    input row), the shards to `activations` when given."""
+    about = {"source": str(source.model_path), "sample": "input-row"}
+    first = 0
+    with writing_probe(out, rows_per_shard, about, activations) as writer:
+        for h in tqdm(batches, desc="probe onnx", total=total, disable=not progress, unit="batch"):
+            writer.add(h, np.arange(first, first + len(h), dtype=np.int64), np.zeros(len(h), dtype=np.int64))
+            first += len(h)
+    return ProbeResult(folder=out, n_samples=writer.total, d=writer.d, shards=writer.shards,
+                       activations=None if activations is None else activations.uri)  # fmt: skip
+
+
 def collect_onnx(
     model_path: Path,
     inputs_path: Path,
     out: Path,
     output_name: str | None = None,
-    batch_size: int = 1024,
+    batch_size: int = ONNX_BATCH,
     rows_per_shard: int = 131072,
     progress: bool = True,
     activations: ShardStore | None = None,
 ) -> ProbeResult:
-    """Probe a recommender we did not train: an ONNX model mapping its own inputs to h, fed from a safetensors file
-    whose tensors are named like the model's inputs and share their first (batch) axis; into the probe folder
-    `out`, the shards to `activations` when given."""
-    session = open_onnx(model_path)
-    inputs = load_inputs(inputs_path, session)
-    n = len(next(iter(inputs.values())))
-    name = h_output(session, model_path, output_name)
-    about = {"source": str(model_path), "sample": "input-row"}
-    with writing_probe(out, rows_per_shard, about, activations) as writer:
-        for start in tqdm(range(0, n, batch_size), desc="probe onnx", disable=not progress, unit="batch"):
-            feed = {k: v[start : start + batch_size] for k, v in inputs.items()}
-            h = session.run([name], feed)[0]
-            if h.ndim != 2 or len(h) != len(next(iter(feed.values()))):
-                raise ArtifactError(f"{model_path}: output '{name}' has shape {h.shape}; expected (batch, d)")
-            if not np.isfinite(h).all():
-                raise ArtifactError(f"{model_path}: output '{name}' has NaN/inf for input rows from {start}")
-            rows = np.arange(start, start + len(h), dtype=np.int64)
-            writer.add(h.astype(np.float32), rows, np.zeros(len(h), dtype=np.int64))
-    return ProbeResult(folder=out, n_samples=writer.total, d=writer.d, shards=writer.shards,
-                       activations=None if activations is None else activations.uri)  # fmt: skip
+    """Probe a recommender we did not train (`OnnxInputs`) into the probe folder `out`, in this process
+    (probe.on_ray.collect_onnx_on_ray: on Ray), the shards to `activations` when given."""
+    source = OnnxInputs(model_path, inputs_path, output_name)
+    bounds = batch_bounds(source.n_rows, batch_size)
+    batches = (source.h(start, end) for start, end in bounds)
+    return write_onnx_probe(source, batches, out, rows_per_shard, progress, len(bounds), activations)
 
 
 def load_activations(folder: Path) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -172,6 +173,22 @@ class ProbeShards:
             handle.close()
 
 
+class ShardRows:
+    """A probe's h, shard after shard, read afresh on every pass: the SAE stage's `Activations` without holding them
+    all in memory (one shard at a time)."""
+
+    def __init__(self, probe: ProbeShards) -> None:
+        self.probe = probe
+
+    @property
+    def n_rows(self) -> int:
+        return self.probe.n_rows
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start, end in itertools.pairwise(self.probe.offsets):
+            yield torch.from_numpy(self.probe.read_rows(int(start), int(end)).astype(np.float32, copy=False))
+
+
 def open_probe(folder: Path) -> ProbeShards:
     """A probe folder's shards, once the folder and its shards are verified (`layout.verify_probe_folder`)."""
     return probe_shards(folder, verify_probe_folder(folder))
@@ -197,13 +214,37 @@ def as_probe(probe: Path | ProbeShards) -> ProbeShards:
     return probe if isinstance(probe, ProbeShards) else open_probe(Path(probe))
 
 
-def h_of_shard_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data: rows of `read_binary_files(..., include_paths=True)` over shards -> their h, float32."""
+class LeaveOut(NamedTuple):
+    """Rows of a probe that a reader of whole shards drops, by their row number in the probe (an import's held-out
+    rows, which its SAE is selected on and never trained on)."""
+
+    first_rows: dict[str, int]
+    """Each shard's name -> the probe row number of its first row."""
+    rows: np.ndarray
+    """The probe row numbers left out, sorted."""
+
+    @classmethod
+    def of(cls, probe: ProbeShards, rows: np.ndarray) -> LeaveOut:
+        starts = probe.offsets[:-1]
+        return cls({header.name: int(start) for header, start in zip(probe.headers, starts, strict=True)},
+                   np.sort(np.asarray(rows, dtype=np.int64)))  # fmt: skip
+
+    def kept(self, shard: str, n_rows: int) -> np.ndarray:
+        """(n_rows,) bool: which rows of `shard` stay."""
+        numbers = np.arange(self.first_rows[shard], self.first_rows[shard] + n_rows)
+        return ~np.isin(numbers, self.rows, assume_unique=True)
+
+
+def h_of_shard_bytes(batch: dict[str, np.ndarray], leave_out: LeaveOut | None = None) -> dict[str, np.ndarray]:
+    """Ray Data: rows of `read_binary_files(..., include_paths=True)` over shards -> their h, float32 (without the
+    rows `leave_out` names)."""
     parts = []
     for data, path in zip(batch["bytes"], batch["path"], strict=True):
         handle = pyarrow.BufferReader(data)
-        header = read_header(handle, Path(path).name, str(path))
-        parts.append(read_column(handle, header.columns["h"], 0, header.rows, str(path)))
+        name = Path(path).name
+        header = read_header(handle, name, str(path))
+        h = read_column(handle, header.columns["h"], 0, header.rows, str(path))
+        parts.append(h if leave_out is None else h[leave_out.kept(name, header.rows)])
     return {"h": np.concatenate(parts).astype(np.float32, copy=False)}
 
 

@@ -61,6 +61,11 @@ class Recommender(nn.Module):
         """Training loss for one batch built by the matching sampler in `recsae_core.recommenders.train`."""
         raise NotImplementedError
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms `loss(batch)` is the mean of (its rows here): what weighs a slice of a batch against the
+        whole when data-parallel workers each take a slice (`recommenders.train_on_ray`)."""
+        return len(next(iter(batch.values())))
+
     def config_dict(self) -> dict:
         return {"model": self.name, **asdict(self.config)}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ from recsae_core.common.layout import (
     RECIPE,
     RunLayout,
 )
+from recsae_core.common.ray_cluster import RayConfig, cluster_workers
+from recsae_core.common.ray_map import ByReference, item_map
 from recsae_core.data.datasets import Dataset
 from recsae_core.data.imported import load_imported_dataset
-from recsae_core.data.splits import PROTOCOLS, make_split
-from recsae_core.recommenders.evaluate import evaluate, popularity_baseline
+from recsae_core.data.splits import PROTOCOLS, Split, make_split
+from recsae_core.recommenders.evaluate import evaluate_stages, popularity_baseline
 from recsae_core.recommenders.onnx_model import Contract, OnnxRecommender, read_contract
 
 SOURCE = "import"
@@ -46,6 +49,65 @@ def load_contract_data(contract: Contract, files: dict[str, Path | None], name: 
     return dataset, report.as_dict()
 
 
+@dataclass(frozen=True)
+class ImportSource:
+    """The files and settings an import reads: what its model and split travel to Ray's workers as (each worker
+    reads the same files, so they must be on storage every node mounts)."""
+
+    onnx: Path
+    """The ONNX model, inputs -> h."""
+    item_embeddings: Path
+    """The item matrix (safetensors)."""
+    recipe: Path
+    """The input recipe (JSON)."""
+    files: dict[str, Path | None]
+    """The data files by role (interactions, items, users)."""
+    name: str
+    """The dataset name recorded in the run."""
+    protocol: str
+    """The split protocol."""
+    seed: int
+    """The split's seed."""
+
+    def load(self, threads: int = 0) -> ImportedModel:
+        """The contract checked against the data (one line naming what is wrong), the model and its split."""
+        contract = read_contract(self.onnx, self.item_embeddings, self.recipe, threads)
+        dataset, report = load_contract_data(contract, self.files, self.name)
+        model = OnnxRecommender(contract, dataset).eval()
+        split = make_split(dataset, self.protocol, model.sequential, self.seed)
+        return ImportedModel(self, contract, dataset, model, split, report)
+
+    def absolute(self) -> ImportSource:
+        """The same source with absolute paths (a Ray worker does not start in this process's folder)."""
+        files = {role: None if path is None else Path(path).resolve() for role, path in self.files.items()}
+        return replace(self, onnx=self.onnx.resolve(), item_embeddings=self.item_embeddings.resolve(),
+                       recipe=self.recipe.resolve(), files=files)  # fmt: skip
+
+
+@dataclass
+class ImportedModel:
+    """An import's recommender before its run folder is written."""
+
+    source: ImportSource
+    """What it was read from."""
+    contract: Contract
+    """The checked contract."""
+    dataset: Dataset
+    """The data in the model's id space."""
+    model: OnnxRecommender
+    """The contract as a Recommender, in eval mode."""
+    split: Split
+    """The split every later step evaluates on."""
+    report: dict[str, Any]
+    """The import report: rows read, kept, skipped."""
+
+
+IMPORT_BY_SOURCE: ByReference = {ImportedModel: (lambda imported: imported.source.absolute(),
+                                                 lambda source: source.load(threads=1))}  # fmt: skip
+"""`item_map(..., by_reference=IMPORT_BY_SOURCE)`: an import's model travels as its source files, and every actor
+loads it once (single-threaded: one CPU per actor)."""
+
+
 def import_step(
     run_dir: Path,
     onnx: Path,
@@ -58,9 +120,12 @@ def import_step(
     protocol: str = "recbole",
     seed: int = 2020,
     threads: int = 0,
+    ray_config: RayConfig | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Validate the contract and the data against each other, evaluate the wrapped model on the split the later
-    steps use, and only then write RUN_DIR/recommender (atomically). Returns its metrics (the import report)."""
+    steps use (its batches on an actor pool when `ray_config` names a cluster: the same metrics), and only then
+    write RUN_DIR/recommender (atomically). Returns its metrics (the import report)."""
     layout = RunLayout(run_dir)
     steps = (layout.recommender, layout.probe, layout.sae, layout.concepts, layout.policies, layout.debias,
              layout.bundle)  # fmt: skip
@@ -75,15 +140,16 @@ def import_step(
         if path is not None and not Path(path).is_file():
             raise DataError(f"{path}: {role} file not found")
     name = name or Path(interactions).stem
+    rank_on = item_map(ray_config, IMPORT_BY_SOURCE)  # a bad address is refused before the files are read
     started = time.perf_counter()
-    contract = read_contract(onnx, item_embeddings, recipe, threads)
-    dataset, report = load_contract_data(contract, files, name)
-    model = OnnxRecommender(contract, dataset)
-    split = make_split(dataset, protocol, model.sequential, seed)
+    imported = ImportSource(Path(onnx), Path(item_embeddings), Path(recipe), files, name, protocol, seed).load(threads)
+    contract, dataset, model, split, report = (imported.contract, imported.dataset, imported.model, imported.split,
+                                               imported.report)  # fmt: skip
     if not (split.test.lengths > 0).any():
         raise DataError(f"{interactions}: no user has enough interactions the model knows to hold one out for "
                         "testing (leave-one-out needs 3 per user, the random split about 10)")  # fmt: skip
-    valid, test = evaluate(model, split, "valid"), evaluate(model, split, "test")
+    evaluated = evaluate_stages(imported, ("valid", "test"), rank_on, progress=progress)
+    valid, test = evaluated["valid"], evaluated["test"]
     copies = {role: f"{IMPORTED_DATA}/{role}{Path(path).suffix}" for role, path in files.items() if path is not None}
     context = {
         "source": SOURCE,
@@ -113,6 +179,7 @@ def import_step(
         "valid": valid,
         "test": test,
         "popularity_baseline_test": popularity_baseline(split, "test"),
+        "ray_workers": cluster_workers(ray_config) if ray_config is not None and ray_config.on_ray else 0,
         "import_seconds": round(time.perf_counter() - started, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

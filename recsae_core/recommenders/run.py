@@ -18,6 +18,7 @@ import torch
 from recsae_core.common.artifacts import RECORD, atomic_folder, check_record, read_json, write_json, write_record
 from recsae_core.common.errors import ArtifactError, ConfigError
 from recsae_core.common.layout import CONFIG, CONTRACT_ITEMS, CONTRACT_ONNX, METRICS, RECIPE, RunLayout
+from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.data.datasets import Dataset, load_dataset
 from recsae_core.data.splits import Split, make_split
 from recsae_core.recommenders.base import Recommender
@@ -62,12 +63,22 @@ def prepare_data(dataset: str, model: str, protocol: str, seed: int) -> tuple[Da
     return data, make_split(data, protocol, MODELS[model].sequential, seed)
 
 
-def train_step(run_dir: Path, dataset: str, model_name: str, protocol: str, config: TrainConfig) -> dict[str, Any]:
-    """Train a recommender into RUN_DIR/recommender (written atomically) and return its metrics."""
+def train_step(
+    run_dir: Path, dataset: str, model_name: str, protocol: str, config: TrainConfig,
+    ray_config: RayConfig | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Train a recommender into RUN_DIR/recommender (written atomically, by this process alone) and return its
+    metrics: in this process, or on Ray Train's workers when `ray_config` names a cluster (`train_on_ray`)."""
     config.device = resolve_device(config.device)
     data, split = prepare_data(dataset, model_name, protocol, config.seed)
+    torch.manual_seed(config.seed)  # the initial weights: the same in every process, so a run can be repeated
     model = build_model(model_name, data.n_users, data.n_items, split)
-    result = train_recommender(model, split, config)
+    if ray_config is not None and ray_config.on_ray:
+        from recsae_core.recommenders.train_on_ray import train_recommender_on_ray
+
+        result = train_recommender_on_ray(model, split, config, ray_config, storage_beside=run_dir)
+    else:
+        result = train_recommender(model, split, config)
     test = evaluate(model, split, "test", device=config.device)
     resolved = config.resolved(model_name)
     metrics = {
@@ -91,6 +102,7 @@ def train_step(run_dir: Path, dataset: str, model_name: str, protocol: str, conf
         "history": result.history,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    metrics["ray_workers"] = result.ray_workers  # 0: in this process
     context = {
         "dataset": dataset,
         "protocol": protocol,

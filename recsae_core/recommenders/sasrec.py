@@ -109,6 +109,10 @@ class SASRec(Recommender):
         logits = out[valid] @ self.item_embeddings().T
         return F.cross_entropy(logits, targets[valid])
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loss is a mean over the non-padded target positions, not over rows."""
+        return int((batch["targets"] != self.pad).sum())
+
     def export_module(self) -> nn.Module:
         return SequenceEncoder(self)
 

@@ -56,7 +56,28 @@ def first_rows(data: Activations, n: int) -> Tensor:
 
 
 def count_rows(data: Activations) -> int:
-    """Rows in all shards (shards read lazily are read once more to count them)."""
+    """Rows in all shards (shards read lazily are read once more to count them, unless they say how many they hold
+    as `n_rows`)."""
     if isinstance(data, Tensor):
         return len(data)
-    return sum(len(shard) for shard in _shards(data))
+    n_rows = getattr(data, "n_rows", None)
+    return int(n_rows) if n_rows is not None else sum(len(shard) for shard in _shards(data))
+
+
+def take_rows(data: Activations, index: Tensor) -> Tensor:
+    """data[index] (float32), in `index`'s order; from shards read one at a time, only the rows taken are kept."""
+    if isinstance(data, Tensor):
+        return data[index].to(torch.float32)
+    order = torch.argsort(index)
+    wanted = index[order]
+    taken: Tensor | None = None
+    start = 0
+    for shard in _shards(data):
+        lo, hi = (int(torch.searchsorted(wanted, bound)) for bound in (start, start + len(shard)))
+        if taken is None:
+            taken = torch.empty((len(index), shard.shape[1]), dtype=torch.float32)
+        taken[order[lo:hi]] = shard[wanted[lo:hi] - start].to(torch.float32)
+        start += len(shard)
+    if taken is None or (len(index) and int(wanted[-1]) >= start):
+        raise ConfigError(f"row {int(wanted[-1]) if len(index) else 0} is outside the {start} activations")
+    return taken

@@ -13,9 +13,10 @@ import torch
 
 from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.data.splits import Stage
-from recsae_core.probe.shards import ProbeShards
+from recsae_core.probe.shards import ProbeShards, ShardRows
 from recsae_core.recommenders.evaluate import evaluate, make_batch, mask_seen
 from recsae_core.recommenders.run import RunContext, load_run
+from recsae_core.sae.activations import Activations, count_rows, take_rows
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.stats import LatentStats, latent_statistics
@@ -85,15 +86,25 @@ class DevNDCG:
         return evaluate(self.ctx.model, self.ctx.split, "valid", transform=substitute(sae))["ndcg@10"]
 
 
+def activations_of(probe: ProbeShards, ray_config: RayConfig | None) -> Activations:
+    """What this process holds of the probe `fit_sae` fits on: every row in memory when it trains here; on Ray,
+    where it only samples and evaluates them, the shards read one at a time (`ShardRows`)."""
+    if ray_config is not None and ray_config.on_ray:
+        return ShardRows(probe)
+    return probe.read_all()[0]
+
+
 def fit_sae(
-    ctx: RunContext, activations: torch.Tensor, config: SAETrainConfig, ray_config: RayConfig | None = None,
+    ctx: RunContext, activations: Activations, config: SAETrainConfig, ray_config: RayConfig | None = None,
     probe: Path | ProbeShards | None = None,
 ) -> FittedSAE:  # fmt: skip
     """Train an SAE on probed activations, select it by dev NDCG@10 with substitution, and evaluate it on test.
     With a `ray_config` that names a cluster, training runs there on Ray Train and the latent statistics on Ray
-    Data, both streaming `probe` (the probe `activations` were read from: its folder, or its shards)."""
-    n = len(activations)
-    dead_sample = activations[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000]]
+    Data, both streaming `probe` (the probe `activations` were read from: its folder, or its shards); `activations`
+    may then be the shards read one at a time (`shards.ShardRows`), as this process only samples and evaluates them.
+    """
+    n = count_rows(activations)
+    dead_sample = take_rows(activations, torch.randperm(n, generator=torch.Generator().manual_seed(0))[:100_000])
     select = DevNDCG(ctx.root, ctx)
     # The same fixed sample, in eval mode, decides whether a tied checkpoint reconstructs better: the running
     # training FVU moves by about 1% between epochs from batch noise alone, more than the gains it should judge.

@@ -1,5 +1,5 @@
 """SAE training on Ray Train: a `TorchTrainer` of N workers (DDP: gloo on CPU, NCCL on GPU), each streaming its share
-of the probe's shards with `iter_torch_batches`.
+of the probe's shards with `iter_torch_batches` (the run, its collectives and its progress bar: `common.ray_train`).
 
 What makes N workers train one SAE rather than N:
 - DDP all-reduces the gradients, so every worker takes the same Adam step from the same weights; the decoder is then
@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from recsae_core.common.errors import ConfigError
 from recsae_core.common.ray_cluster import RayConfig, cluster_workers
-from recsae_core.probe.shards import ProbeShards, as_probe, h_of_shard_bytes
+from recsae_core.common.ray_train import EpochProgress, check_in_sync, final_checkpoint, from_rank_zero, report_final
+from recsae_core.probe.shards import LeaveOut, ProbeShards, as_probe, h_of_shard_bytes
 from recsae_core.sae.config import SAETrainConfig
 from recsae_core.sae.model import TopKSAE
 from recsae_core.sae.selection import CheckpointKeeper, FireClock, Select, score_epoch, scored
@@ -55,20 +54,18 @@ SHUFFLE_BATCHES = 8
 
 def train_sae_on_ray(
     probe: Path | ProbeShards, config: SAETrainConfig, ray_config: RayConfig, select: Select | None = None,
-    valid: Tensor | None = None, storage: Path | None = None,
+    valid: Tensor | None = None, storage: Path | None = None, leave_out: np.ndarray | None = None,
 ) -> SAETrainResult:  # fmt: skip
     """`train.train_sae` on a probe (its folder, or its shards already verified) with `ray_config.workers` DDP
     workers of the cluster at `ray_config.address`. `select` runs on rank 0, so it must pickle (`fit.DevNDCG` loads
     its run there). Ray Train keeps its checkpoints under `storage` (default: a temporary folder beside the probe
     folder, removed afterwards), which, like the probe folder, must be on storage every node mounts."""
     import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     if ray_config.address is None:
         raise ConfigError("train_sae_on_ray needs a Ray address (RayConfig.address)")
     probe = as_probe(probe)
-    tc = config.resolve(probe.n_rows)
+    tc = config.resolve(probe.n_rows - (0 if leave_out is None else len(np.unique(leave_out))))
     gpu = tc.device.startswith("cuda")
     workers = cluster_workers(ray_config, "GPU" if gpu else "CPU")  # more would leave Ray Train waiting forever
     if tc.batch_size < 2 * workers:
@@ -80,37 +77,21 @@ def train_sae_on_ray(
     dataset = ray.data.read_binary_files(
         probe.paths(), filesystem=probe.store.filesystem, include_paths=True, override_num_blocks=len(probe.headers),
         ray_remote_args={"num_cpus": 0},
-    ).map_batches(h_of_shard_bytes, batch_size=1, batch_format="numpy", num_cpus=0)  # fmt: skip
+    ).map_batches(h_of_shard_bytes, batch_size=1, batch_format="numpy", num_cpus=0,
+                  fn_kwargs={"leave_out": None if leave_out is None else LeaveOut.of(probe, leave_out)})  # fmt: skip
     dataset = dataset.randomize_block_order(seed=tc.seed)
     ray.data.DataContext.get_current().enable_progress_bars = False
     own_storage = storage is None
     storage = Path(storage or tempfile.mkdtemp(dir=probe.folder.parent, prefix=".sae-train.", suffix=".tmp"))
-    progress = EpochProgress(tc) if tc.progress else None
+    progress = EpochProgress(tc.epochs, "sae (Ray Train)", sae_postfix) if tc.progress else None
     loop_config = {"tc": tc, "sae_cfg": sae.cfg, "state": sae.state_dict(), "select": select, "valid": valid,
                    "progress": progress and progress.queue}  # fmt: skip
-    trainer = TorchTrainer(
-        worker_loop, train_loop_config=loop_config, datasets={"train": dataset},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu),
-        run_config=ray.train.RunConfig(name="sae", storage_path=str(storage.resolve()),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
-    )  # fmt: skip
-    try:
-        try:
-            if progress is None:
-                result = trainer.fit()
-            else:
-                with progress:
-                    result = trainer.fit()
-        except Exception as err:  # Ray wraps a worker's error: its first line is what the user needs
-            raise _worker_error(err) from None
-        if result.checkpoint is None:
-            raise RuntimeError("Ray Train returned no checkpoint from rank 0")
-        with result.checkpoint.as_directory() as folder:
-            trained = TopKSAE.load(Path(folder) / "sae", device="cpu").eval()
-            final = json.loads((Path(folder) / TRAINING).read_text())
-    finally:
-        if own_storage:
-            shutil.rmtree(storage, ignore_errors=True)
+    with final_checkpoint(
+        worker_loop, loop_config, name="sae", workers=workers, gpu=gpu, storage=storage, own_storage=own_storage,
+        failed="SAE training on Ray failed", progress=progress, datasets={"train": dataset},
+    ) as folder:  # fmt: skip
+        trained = TopKSAE.load(folder / "sae", device="cpu").eval()
+        final = json.loads((folder / TRAINING).read_text())
     if final["stopped_by"] == "wall_clock_safety":
         warn_safety_stop(tc, final["epochs_trained"], final["samples_seen"])
     return SAETrainResult(
@@ -167,7 +148,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if n_batches == 0:
             raise ConfigError(f"no training batch: fewer than {per_worker} rows per worker")
         dist.all_reduce(sums)
-        _check_in_sync(sae)
+        check_in_sync(sae, "SAE")
         seen += epoch_samples
         clock.epoch_length(epoch_samples)
         row: dict[str, float] = {"epoch": epoch, "fvu": float(sums[0]) / (n_batches * world),
@@ -175,7 +156,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                                  "dead_fraction": 1.0 - float(fired.float().mean())}  # fmt: skip
         history.append(row)
         spent = bool(tc.max_samples) and seen >= tc.max_samples
-        out_of_time = _from_rank_zero([tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds])[0]
+        out_of_time = from_rank_zero([tc.max_seconds is not None and time.perf_counter() - start >= tc.max_seconds])[0]
         keep = lr_drop = stop = False
         is_scored = scored(epoch, tc, spent or out_of_time)
         if is_scored:
@@ -183,7 +164,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 score_epoch(sae, row, tc, loop_config["select"], loop_config["valid"], evaluate_reconstruction)
                 verdict = keeper.judge(epoch, row)
                 keep, lr_drop, stop = verdict.keep, verdict.lr_drop, verdict.stop
-            keep, lr_drop, stop = _from_rank_zero([keep, lr_drop, stop])
+            keep, lr_drop, stop = from_rank_zero([keep, lr_drop, stop])
         if lr_drop:
             for group in optimizer.param_groups:
                 group["lr"] *= tc.lr_drop_factor
@@ -200,57 +181,19 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     seconds = time.perf_counter() - start
     summary = {"best_epoch": keeper.best_epoch, "best_score": keeper.best_score, "epochs_trained": len(history),
                "samples_seen": seen, "seconds": seconds, "stopped_by": stopped_by, "history": history}  # fmt: skip
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:  # the kept weights and how training went, as the run's one checkpoint
-            sae.load_state_dict(best_state)
-            sae.save(Path(folder) / "sae")
-            (Path(folder) / TRAINING).write_text(json.dumps(summary))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report({"final": 1}, checkpoint=checkpoint)
+
+    def write(folder: Path) -> None:  # rank 0: the kept weights and how training went, as the run's checkpoint
+        sae.load_state_dict(best_state)
+        sae.save(folder / "sae")
+        (folder / TRAINING).write_text(json.dumps(summary))
+
+    report_final(rank, write)
 
 
-class EpochProgress:
-    """The driver's progress bar of a Ray Train run, as one process shows it: rank 0 puts each epoch's row on a Ray
-    queue, and a thread of the driver moves the bar while `trainer.fit()` blocks its main thread."""
-
-    def __init__(self, tc: SAETrainConfig) -> None:
-        from ray.util.queue import Queue
-
-        self.tc = tc
-        # No CPU for the queue's actor: the training workers may hold every CPU of the cluster.
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._show, name="sae-progress", daemon=True)
-
-    def __enter__(self) -> EpochProgress:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.done.set()
-        self.thread.join()
-        self.queue.shutdown()
-
-    def _show(self) -> None:
-        from ray.util.queue import Empty
-
-        shown: dict[str, str] = {}
-        with tqdm(total=self.tc.epochs, desc="sae (Ray Train)", unit="epoch") as bar:
-            while True:
-                try:
-                    row = self.queue.get(timeout=0.5)
-                except Empty:
-                    if self.done.is_set():
-                        return
-                    continue
-                except Exception:  # the queue's actor is gone with a failed run: fit() raises the cause
-                    return
-                bar.update(int(row["epoch"]) - bar.n)
-                shown.update(fvu=f"{row['fvu']:.4f}", dead=f"{row['dead_fraction']:.3f}")
-                if "score" in row:  # the last scored epoch's, until the next
-                    shown["score"] = f"{row['score']:.4f}"
-                bar.set_postfix(shown)
+def sae_postfix(row: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's figures of an epoch (the last scored epoch's score stays until the next)."""
+    shown = {"fvu": f"{row['fvu']:.4f}", "dead": f"{row['dead_fraction']:.3f}"}
+    return {**shown, "score": f"{row['score']:.4f}"} if "score" in row else shown
 
 
 class WorkerShare:
@@ -305,32 +248,3 @@ def _in_step(batches: Any) -> Any:
         if not have.item():
             return
         yield batch
-
-
-def _from_rank_zero(flags: list[bool]) -> list[bool]:
-    import torch.distributed as dist
-
-    values = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
-    dist.broadcast(values, src=0)
-    return [bool(v) for v in values.tolist()]
-
-
-def _check_in_sync(sae: TopKSAE) -> None:
-    """Refuse to go on if the workers' weights differ: DDP steps from identical gradients must keep them equal."""
-    import torch.distributed as dist
-
-    sums = torch.stack([p.detach().double().sum() for p in sae.parameters()]).cpu()
-    low, high = sums.clone(), sums.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError(f"SAE weights differ between workers after a DDP epoch (parameter sums {low} vs {high})")
-
-
-def _worker_error(err: Exception) -> Exception:
-    text = str(err)
-    for line in text.splitlines():
-        if "ConfigError" in line or ("recsae" in line and "error" in line.lower()):
-            return ConfigError(line.split("ConfigError:", 1)[-1].strip()[:300])
-    first = next((line for line in reversed(text.splitlines()) if line.strip()), type(err).__name__)
-    return RuntimeError(f"SAE training on Ray failed: {first.strip()[:300]}")

@@ -16,7 +16,7 @@ from recsae_core.common.ray_cluster import RayConfig
 from recsae_core.probe.shards import probe_shards
 from recsae_core.recommenders.run import load_run
 from recsae_core.sae.config import SAETrainConfig
-from recsae_core.sae.fit import fit_sae
+from recsae_core.sae.fit import activations_of, fit_sae
 
 
 def sweep_sae(
@@ -37,7 +37,7 @@ def sweep_sae(
     layout.verify_recommender()
     ctx = load_run(run_dir)
     probe = probe_shards(layout.probe, meta)  # verified just above, wherever its shards are
-    activations, _, _ = probe.read_all()
+    activations = activations_of(probe, ray_config)  # in memory once for every point, unless on Ray
     points = []
     for width, k in pairs:
         point_config = dataclasses.replace(config, n_latents=width, k=k)

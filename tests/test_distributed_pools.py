@@ -1,8 +1,10 @@
-"""De-biasing and concept control on Ray (issue 19): on a local cluster of two worker CPUs, joined by address from a
-process of its own, `recsae debias --ray-address` (the causal screen and the sweep's points on an actor pool) writes
-the one-process report and policy, and `recsae concept-control --ray-address` (the concepts on an actor pool) the
-one-process concepts.json, number for number. The actors run single-threaded where the one-process runs here use
-torch's and numpy's default threads, so equality also says that the thread count left no last bit changed.
+"""The offline steps that run on actor pools (issue 19): on a local cluster of two worker CPUs, joined by address from
+a process of its own, `recsae debias --ray-address` (the causal screen and the sweep's points on an actor pool) writes
+the one-process report and policy, `recsae concept-control --ray-address` (the concepts on an actor pool) the
+one-process concepts.json, and `recsae import --ray-address` (the wrapped model's evaluation batches on an actor pool,
+each actor loading the model from the import's own files) the one-process metrics, number for number. The actors run
+single-threaded where the one-process runs here use torch's and numpy's default threads, so equality also says that
+the thread count left no last bit changed.
 
 The pool itself (`common.ray_map.map_on_ray`) gives results in the items' order, computed on both actors, never in
 the driver; more workers than the cluster's CPUs, or --ray-workers without an address, are refused in one line."""
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from _cli import cli_refusal
 from _ray_cluster import CLUSTER_ENV, copy_recommender, in_a_fresh_process
+from foreign_models import build_two_tower_model
 
 from recsae_core.common.layout import RunLayout
 
@@ -60,10 +63,12 @@ def run(trained_run, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("argv", [["debias", "--target", "popularity"], ["concept-control"]], ids=lambda a: a[0])
-def test_ray_workers_without_an_address_is_refused(argv, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("argv", [["debias", "--run", ".", "--target", "popularity"], ["concept-control", "--run", "."],
+                                  ["import", "--onnx", "m", "--item-embeddings", "e", "--recipe", "r",
+                                   "--interactions", "i", "--out", "o"]], ids=lambda a: a[0])  # fmt: skip
+def test_ray_workers_without_an_address_is_refused(argv, capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    line = cli_refusal(capsys, [argv[0], "--run", str(tmp_path), *argv[1:], "--ray-workers", "2"])
+    line = cli_refusal(capsys, [*argv, "--ray-workers", "2"])
     assert line == "recsae: error: --ray-workers only applies with --ray-address (or $RAY_ADDRESS)"
 
 
@@ -110,6 +115,42 @@ def test_concept_control_on_ray_writes_the_one_process_concepts(run, cluster):
                         "--min-users", str(MIN_USERS), "--quiet"])  # fmt: skip
     assert canonical(RunLayout(run).concept_control, "seconds") == expected
     assert len(json.loads(expected)["concepts"]) >= 2  # a concept for each actor
+
+
+@pytest.fixture(scope="module")
+def two_tower(ml100k, tmp_path_factory):
+    return build_two_tower_model(ml100k, tmp_path_factory.mktemp("two-tower"))
+
+
+def test_import_on_ray_evaluates_as_one_process(two_tower, cluster, tmp_path):
+    from recsae_core.recommenders.imported import import_step
+
+    files = two_tower
+    given = {"onnx": files.onnx, "item_embeddings": files.item_embeddings, "recipe": files.recipe,
+             "interactions": files.interactions, "items": files.items, "users": files.users}  # fmt: skip
+    import_step(tmp_path / "here", **given)
+    flags = [arg for name, path in given.items() for arg in ("--" + name.replace("_", "-"), str(path))]
+    in_a_fresh_process([RECSAE, "import", *flags, "--out", str(tmp_path / "on-ray"), "--ray-address", cluster,
+                        "--ray-workers", "2", "--quiet"])  # fmt: skip
+    here, on_ray = (json.loads((RunLayout(tmp_path / run).recommender / "metrics.json").read_text())
+                    for run in ("here", "on-ray"))  # fmt: skip
+    assert (here.pop("ray_workers"), on_ray.pop("ray_workers")) == (0, 2)
+    for varying in ("import_seconds", "finished_at"):
+        del here[varying], on_ray[varying]
+    assert on_ray == here  # every metric, valid and test, to the last digit written
+    assert here["test"]["ndcg@10"] > here["popularity_baseline_test"]["ndcg@10"] / 4  # a model, not noise
+
+
+def test_import_refuses_more_workers_than_the_cluster_has(two_tower, cluster, tmp_path):
+    files = two_tower
+    done = subprocess.run([RECSAE, "import", "--onnx", str(files.onnx), "--item-embeddings",
+                           str(files.item_embeddings), "--recipe", str(files.recipe), "--interactions",
+                           str(files.interactions), "--out", str(tmp_path / "run"), "--ray-address", cluster,
+                           "--ray-workers", "3"],
+                          capture_output=True, text=True, timeout=600, env=CLUSTER_ENV)  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[-1] == "recsae: error: --ray-workers 3: the cluster has 2 CPUs", done.stderr
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def canonical(path: Path, varying: str) -> str:
