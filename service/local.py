@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass, field
@@ -39,15 +40,41 @@ def port_free(host: str, port: int) -> bool:
 RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
 """Ports Ray's own components take unless told otherwise (GCS, dashboard, client server, dashboard agent): a port
 handed out here for something else must not be one that a Ray started afterwards binds."""
+RAY_WORKER_PORTS = range(10002, 20000)
+"""Ray's default `--min-worker-port`..`--max-worker-port`: each worker a Ray starts binds one of these."""
+FALLBACK_EPHEMERAL = (32768, 60999)
+_handed_out: set[int] = set()
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel hands to sockets bound to port 0 (Linux's ip_local_port_range)."""
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = FALLBACK_EPHEMERAL
+    return range(low, high + 1)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing is bound to now, and none of `RAY_DEFAULT_PORTS`."""
+    """A port nothing is bound to now, that no other call here handed out, outside Ray's own ports and outside the
+    kernel's ephemeral range. Between this check and the bind of whoever asked, every process that binds port 0 (each
+    of Ray's gRPC servers, a dozen per start) draws from the ephemeral range: a port from there could be taken in the
+    meantime (seen in CI: "Failed to bind to address 127.0.0.1:41931"). Where no other range is left (an unusual
+    ip_local_port_range), the kernel's port 0 is the fallback."""
+    ephemeral = ephemeral_ports()
+    candidates = [p for p in range(RAY_WORKER_PORTS.stop, ephemeral.start) if p not in RAY_DEFAULT_PORTS]
+    draw = random.SystemRandom()
+    for _ in range(200 if candidates else 0):
+        port = draw.choice(candidates)
+        if port not in _handed_out and port_free(host, port) and port_free("0.0.0.0", port):
+            _handed_out.add(port)
+            return port
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
             port = int(sock.getsockname()[1])
-        if port not in RAY_DEFAULT_PORTS:
+        if port not in RAY_DEFAULT_PORTS and port not in _handed_out:
+            _handed_out.add(port)
             return port
 
 

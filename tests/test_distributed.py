@@ -156,6 +156,11 @@ def test_a_cluster_start_that_exits_at_once_is_tried_again_on_another_port(monke
     from service import bench_cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # local_cluster sets it for this process; put back afterwards
+    # A GCS that could not bind has exited, yet `ray start` waits for it ~40 s by default; shorter waits (for this
+    # test's two starts only) let it give up in ~10 s, while a GCS that starts is still far within them.
+    for name in ("RAY_py_gcs_connect_timeout_s", "RAY_gcs_rpc_server_connect_timeout_s",
+                 "RAY_gcs_rpc_server_reconnect_timeout_s"):  # fmt: skip
+        monkeypatch.setenv(name, "5")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
         held.bind(("127.0.0.1", 0))
         taken = held.getsockname()[1]

@@ -8,7 +8,6 @@ import http.server
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import pytest
 
 from recsae_core.concepts.llm_client import ENV_MODEL, ENV_URL, LLMCacheMiss, LLMClient, LLMError, LLMOptions
 from recsae_core.concepts.llm_labeler import detect_messages, explain_messages, parse_explanation
+from service.local import free_port
 
 pytestmark = pytest.mark.slow
 LAUNCHER = Path(__file__).resolve().parents[1] / "scripts" / "llm_server.py"
@@ -34,12 +34,6 @@ def load_launcher() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def smollm2_file() -> Path:

@@ -54,6 +54,17 @@ def test_port_in_use_is_reported_before_ray_starts() -> None:
             start_local(Path("/unused"), port=port, metrics_port=port)
 
 
+def test_free_ports_are_distinct_and_outside_the_ranges_other_processes_draw_from() -> None:
+    """A port handed out must still be free when the service binds it: never one the kernel gives to a socket bound
+    to port 0 (Ray's gRPC servers start in between), nor a Ray worker's or Ray's defaults, nor one handed out before."""
+    from service.local import RAY_DEFAULT_PORTS, RAY_WORKER_PORTS, ephemeral_ports, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    taken = set(ephemeral_ports()) | set(RAY_WORKER_PORTS) | RAY_DEFAULT_PORTS
+    assert not taken.intersection(ports)
+
+
 def test_app_builder_validates_arguments() -> None:
     with pytest.raises(ConfigError, match="max_k: Input should be less than or equal to 10000"):
         app_builder({"bundle": "/b", "max_k": 10**6})
