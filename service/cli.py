@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from recsae_core.common.errors import ConfigError
-from recsae_core.pipeline.cli import build_parser as core_parser
-from recsae_core.pipeline.cli import command, positive_float, positive_int
+from recsae_core.common.ranges import positive_float, positive_int
+from recsae_core.pipeline.cli import command
 from recsae_core.pipeline.cli import main as core_main
+from recsae_core.pipeline.options import build_parser as core_parser
 from service.bench_scale_config import add_scale_options
 from service.reliability_config import RELIABILITY_OPTIONS, SCENARIOS
 from service.soak_config import SOAK_OPTIONS

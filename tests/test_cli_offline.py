@@ -11,7 +11,7 @@ from _cli import cli_refusal
 
 from recsae_core.common.cli_config import ConfigOptions, field_docs, help_text
 from recsae_core.common.ray_cluster import RayConfig
-from recsae_core.pipeline.cli import (
+from recsae_core.pipeline.options import (
     PIPELINE_SAE_OPTIONS,
     RAY_OPTIONS,
     SAE_OPTIONS,

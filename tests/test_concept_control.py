@@ -33,7 +33,8 @@ from recsae_core.concepts.control_config import ConceptControlConfig
 from recsae_core.concepts.control_run import concept_control
 from recsae_core.concepts.samples import SampleOptions
 from recsae_core.debias.report import write_report
-from recsae_core.pipeline.cli import CONTROL_OPTIONS, build_parser, main
+from recsae_core.pipeline.cli import main
+from recsae_core.pipeline.options import CONTROL_OPTIONS, build_parser
 from recsae_core.pipeline.steps import probe_step, sae_step
 from recsae_core.recommenders.run import RunContext, load_run
 from recsae_core.sae.config import SAETrainConfig

@@ -1,5 +1,5 @@
 """The configuration of concept control (`recsae_core.concepts.control`). Imports no torch, so the command line can
-build its parser without it; the `concept-control` options derive from the fields (pipeline.cli)."""
+build its parser without it; the `concept-control` options derive from the fields (pipeline.options)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 `SAETrainConfig` holds everything a run is asked to do: the dictionary's shape, the optimiser, early stopping and
 checkpoint selection. The saved architecture (`model.SAEConfig`, the SAELens-style cfg.json) is built from it plus
 the activations' width, as EleutherAI sparsify builds its SaeConfig from a TrainConfig. Defaults are the pipeline's:
-they are what users run. The command line derives its SAE options from the fields (pipeline.cli).
+they are what users run. The command line derives its SAE options from the fields (pipeline.options).
 
 Imports no torch, so the command line can build its parser without it.
 """
