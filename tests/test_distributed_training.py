@@ -1,5 +1,6 @@
-"""Recommender training on Ray Train (`recsae train-recommender --ray-address`): on a local cluster of two worker
-CPUs, joined by address from a process of its own, two data-parallel workers train the model one process trains.
+"""Recommender training on Ray Train (`recsae pipeline --dataset ... --ray-address`, the RayJob's command, whose
+first step is `train-recommender --ray-address`'s train_step): on a local cluster of two worker CPUs, joined by
+address from a process of its own, two data-parallel workers train the model one process trains.
 
 Every worker draws the one-process global batches and trains on its slice, with the gradients summed weighted by each
 slice's share of the loss's terms (recommenders/train_on_ray.py), so the runs agree up to float rounding. Measured on
@@ -36,6 +37,8 @@ LOSS_TOL = 1e-4
 BPRMF = {"epochs": 8, "lr": 0.02, "patience": 1}
 """Stops early (epoch 6, keeping epoch 5): the broadcast stop and the kept weights are checked too."""
 SASREC = {"epochs": 2, "lr": 5e-3}
+STEPS = ["recommender", "probe", "sae", "concepts", "bundle"]
+"""The pipeline's steps from a dataset, each a folder of the run."""
 
 SASREC_ON_RAY = """
 import json, sys, torch
@@ -62,17 +65,19 @@ def flags(settings: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def bprmf_runs(tmp_path_factory, cluster) -> tuple[dict, Path, str]:
-    """BPR-MF trained in this process and by `recsae train-recommender --ray-address` on two workers (with its
-    progress bar): the one-process metrics, the Ray run's folder and its stderr."""
+def bprmf_runs(tmp_path_factory, cluster) -> tuple[dict, Path, subprocess.CompletedProcess]:
+    """BPR-MF trained in this process, and the RayJob's command on two workers: `recsae pipeline --dataset ...
+    --ray-address`, from the dataset to the bundle, with its progress bars (a small SAE: what it meets is
+    test_distributed's). The one-process metrics, the Ray run's folder and the finished command."""
     from recsae_core.recommenders.config import TrainConfig
     from recsae_core.recommenders.run import train_step
 
     root = tmp_path_factory.mktemp("train-on-ray")
     one = train_step(root / "alone", "ml-100k", "bprmf", "recbole", TrainConfig(**BPRMF, progress=False))
-    command = ["train-recommender", "--dataset", "ml-100k", "--model", "bprmf", "--out", str(root / "ray")]
+    command = ["pipeline", "--dataset", "ml-100k", "--model", "bprmf", "--out", str(root / "ray"), "--latents", "64",
+               "--k", "4", "--sae-epochs", "2"]  # fmt: skip
     done = in_a_fresh_process([RECSAE, *command, *flags(BPRMF), "--ray-address", cluster, "--ray-workers", "2"])
-    return one, root / "ray", done.stderr
+    return one, root / "ray", done
 
 
 def assert_same_training(one: dict, two: dict) -> None:
@@ -87,13 +92,13 @@ def assert_same_training(one: dict, two: dict) -> None:
 
 
 def test_two_workers_train_the_one_process_bprmf(bprmf_runs):
-    one, run, stderr = bprmf_runs
+    one, run, done = bprmf_runs
     two = json.loads((RunLayout(run).recommender / "metrics.json").read_text())
     assert (one["ray_workers"], two["ray_workers"]) == (0, 2) and set(one) == set(two)
     assert (one["epochs_trained"], one["best_epoch"]) == (6, 5)  # early stopping, so the stop was broadcast
     assert two["epochs_trained"] == one["epochs_trained"]
     assert_same_training(one, two)
-    assert "train bprmf (Ray Train)" in stderr and "6/8" in stderr  # the driver's progress bar, stopped at 6
+    assert "train bprmf (Ray Train)" in done.stderr and "6/8" in done.stderr  # the driver's bar, stopped at 6
 
 
 def test_the_run_trained_on_ray_loads_with_its_contract(bprmf_runs):
@@ -107,7 +112,22 @@ def test_the_run_trained_on_ray_loads_with_its_contract(bprmf_runs):
     assert parity["users_checked"] == 512 and parity["max_abs_score_diff"] <= 1e-5
     ctx = load_run(run)
     assert evaluate(ctx.model, ctx.split, "test")["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-6)
-    assert [p.name for p in run.iterdir()] == ["recommender"]  # Ray Train's checkpoint folder is gone
+    # Ray Train's checkpoint folders are gone: the run holds the pipeline's steps and nothing else.
+    assert sorted(p.name for p in run.iterdir()) == sorted(STEPS)
+
+
+def test_the_rayjob_command_goes_from_the_dataset_to_a_bundle_on_ray(bprmf_runs):
+    """The chart's RayJob entrypoint (`recsae pipeline --dataset ... --ray-address auto`), here by address: every step
+    ran, the SAE on Ray Train's two workers, and the bundle verifies as the service loads it."""
+    from recsae_core.bundle.format import load_bundle
+
+    _, run, done = bprmf_runs
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"run": str(run), "steps": STEPS}
+    layout = RunLayout(run)
+    assert json.loads((layout.sae / "metrics.json").read_text())["workers"] == 2
+    assert "sae (Ray Train): 100%" in done.stderr, done.stderr[-2000:]
+    layout.verify_bundle()  # and the catalog, SAE, probe and recommender it was made from
+    assert load_bundle(layout.bundle).manifest["versions"]["bundle"]
 
 
 def test_sasrec_slices_are_weighted_by_their_targets(tmp_path, cluster):
