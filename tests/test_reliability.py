@@ -168,11 +168,13 @@ def test_a_killed_replica_loses_no_request(fleet: Fleet) -> None:
     test each replica holds what it gets for a quarter of a second (batches larger than the clients, with a wait),
     which leaves it empty only while a finished batch's clients send again. The kill is still repeated, up to three
     times, until the ingress has counted a retry: the retry path itself must have been exercised."""
-    fleet.service.update(max_batch_size=32, batch_wait_timeout_s=0.25, timeout_s=120)
+    holding = {"max_batch_size": 32, "batch_wait_timeout_s": 0.25}
+    serving = httpx.get(f"{fleet.service.url}/readyz", timeout=30).json()["config"]
+    fleet.service.update(**holding, timeout_s=120)
     try:
         killed_replica_and_a_retry(fleet)
-    finally:
-        fleet.service.update(max_batch_size=8, batch_wait_timeout_s=0.0, timeout_s=120)
+    finally:  # the fleet's own settings back, for the tests after
+        fleet.service.update(**{key: serving[key] for key in holding}, timeout_s=120)
 
 
 def killed_replica_and_a_retry(fleet: Fleet) -> None:
